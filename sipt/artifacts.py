@@ -1,0 +1,333 @@
+"""The artifact contract: stage folders, atomic Parquet parts, `_SUCCESS.json`, skip / stale / resume.
+
+The filesystem is the state machine. A stage builds its output in a hidden sibling folder
+(`.<name>.tmp`), one Parquet part at a time (each written to `*.partial` and renamed), renames the
+folder into place when every part is done, and then writes `_SUCCESS.json`. A rerun skips a stage
+whose `_SUCCESS.json` matches the current config and inputs, resumes from the finished parts of an
+interrupted one, and rebuilds a stale one beside the old output before swapping it in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sipt import __version__
+from sipt.errors import SiptError
+
+SUCCESS = "_SUCCESS.json"
+PARTIAL = "_PARTIAL.json"
+FAILED = "_FAILED.json"
+STATS_KEY = b"sipt.stats"
+
+# Stages of one iteration, in the order the loop runs them. `policy` is the model the rollouts of
+# that iteration come from (written by `init` for iter-000 and by the previous `train` after).
+ITER_STAGES = ["policy", "rollout", "rewrite", "judge", "pair", "train", "eval"]
+
+
+def iter_dir(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / f"iter-{iteration:03d}"
+
+
+def stage_dir(run_dir: Path, stage: str, iteration: int | None = None) -> Path:
+    if stage == "samples":
+        return Path(run_dir) / "samples"
+    if iteration is None:
+        raise ValueError(f"stage {stage} needs an iteration")
+    return iter_dir(run_dir, iteration) / stage
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """Cheap fingerprint of external input files: path, size and modification time of each."""
+    parts = []
+    for p in sorted(Path(x) for x in paths):
+        st = p.stat()
+        parts.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return _sha("\n".join(parts).encode())
+
+
+def files_ref(paths) -> str:
+    """An input reference to external files (folders are expanded to the files inside them)."""
+    expanded = []
+    for p in map(Path, paths):
+        expanded += sorted(str(x.resolve()) for x in p.rglob("*") if x.is_file()) if p.is_dir() else [str(p.resolve())]
+    return "files:" + json.dumps(expanded)
+
+
+def fingerprint(run_dir: Path, ref: str) -> str | None:
+    """Current fingerprint of an input reference, as recorded in a manifest's `inputs`.
+
+    `ref` is a folder relative to the run (its `_SUCCESS.json` is hashed), `files:<json list>` for
+    external files, or `name:<text>` for inputs that can only be named (a hub dataset).
+    """
+    if ref.startswith("files:"):
+        paths = [Path(p) for p in json.loads(ref[6:])]
+        if not all(p.exists() for p in paths):
+            return None
+        return files_fingerprint(paths)
+    if ref.startswith("name:"):
+        return _sha(ref.encode())
+    marker = Path(run_dir) / ref / SUCCESS
+    return _sha(marker.read_bytes()) if marker.exists() else None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / SUCCESS
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table, stats: dict | None = None) -> None:
+    """Write a Parquet file so that it either exists whole or not at all."""
+    if stats is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def part_stats(path: Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(STATS_KEY, b"{}"))
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def list_parts(folder: Path, prefix: str = "part-") -> list[Path]:
+    return sorted(Path(folder).glob(f"{prefix}*.parquet"))
+
+
+def read_table(folder: Path, columns: list[str] | None = None, prefix: str = "part-") -> pa.Table:
+    """All parts of a finished stage as one table (parts in order)."""
+    parts = list_parts(folder, prefix)
+    if not parts:
+        raise SiptError(f"{folder}: no {prefix}*.parquet files; run the stage that writes it first")
+    tables = []
+    for p in parts:
+        try:
+            tables.append(pq.read_table(p, columns=columns))
+        except pa.ArrowInvalid as e:
+            raise SiptError(f"{p}: cannot read Parquet ({e}); delete the stage folder and rerun it") from None
+    return pa.concat_tables(tables)
+
+
+@dataclass
+class Stage:
+    """One stage run: where it writes, what it depends on, and whether it is already done.
+
+    Use as a context manager. `skipped` is True when a matching `_SUCCESS.json` exists. A SiptError
+    raised inside removes the temporary folder (bad input: nothing half-written stays); any other
+    exception (a crash, a dead server, Ctrl-C) keeps the finished parts for the rerun to resume.
+    """
+
+    run_dir: Path
+    name: str
+    out: Path
+    config_hash: str
+    config_sections: list[str]
+    inputs: dict[str, str]  # input name -> reference (see `fingerprint`)
+    iteration: int | None = None
+    force: bool = False
+    skipped: bool = False
+    manifest: dict | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def tmp(self) -> Path:
+        return self.out.parent / f".{self.out.name}.tmp"
+
+    def input_fingerprints(self) -> dict[str, str]:
+        fps = {}
+        for key, ref in self.inputs.items():
+            fp = fingerprint(self.run_dir, ref)
+            if fp is None:
+                raise SiptError(
+                    f"{self.name}: input '{key}' ({ref.split(':', 1)[-1]}) is missing or unfinished; "
+                    "run the stage that produces it first (see `sipt status`)"
+                )
+            fps[key] = fp
+        return fps
+
+    def _identity(self) -> dict:
+        return {
+            "stage": self.name,
+            "config_hash": self.config_hash,
+            "inputs": {k: {"ref": self.inputs[k], "fingerprint": v} for k, v in self._fps.items()},
+        }
+
+    def __enter__(self) -> "Stage":
+        self._fps = self.input_fingerprints()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        done = read_manifest(self.out)
+        if self.out.exists() and done is None:
+            # Renamed into place but killed before _SUCCESS.json: resume it as the temporary folder.
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            os.replace(self.out, self.tmp)
+        if done and not self.force and self._matches(done):
+            self.skipped, self.manifest = True, done
+            return self
+        ident = self._identity()
+        if self.tmp.exists():
+            partial = self.tmp / PARTIAL
+            same = partial.exists() and json.loads(partial.read_text()) == ident
+            if not same:  # parts of another config or other inputs cannot be resumed
+                shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        (self.tmp / FAILED).unlink(missing_ok=True)
+        for junk in self.tmp.glob("*.partial"):
+            junk.unlink()
+        _write_json_atomic(self.tmp / PARTIAL, ident)
+        return self
+
+    def _matches(self, manifest: dict) -> bool:
+        recorded = {k: v.get("fingerprint") for k, v in manifest.get("inputs", {}).items()}
+        return manifest.get("config_hash") == self.config_hash and recorded == self._fps
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or self.skipped:
+            return False
+        if issubclass(exc_type, SiptError):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self.tmp.exists():
+            _write_json_atomic(
+                self.tmp / FAILED,
+                {
+                    "stage": self.name,
+                    "error": f"{exc_type.__name__}: {exc}",
+                    "traceback": "".join(traceback.format_exception(exc_type, exc, tb))[-4000:],
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
+        return False
+
+    # -- parts ------------------------------------------------------------------------------
+    def part_path(self, index: int) -> Path:
+        return self.tmp / part_name(index)
+
+    def has_part(self, index: int) -> bool:
+        return self.part_path(index).exists()
+
+    def write_part(self, index: int, table: pa.Table, stats: dict | None = None) -> None:
+        write_parquet_atomic(self.part_path(index), table, stats)
+
+    def collected_stats(self) -> dict:
+        """Sum of the numeric per-part stats stored in the parts' metadata."""
+        total: dict[str, float] = {}
+        for p in list_parts(self.tmp):
+            for k, v in part_stats(p).items():
+                if isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    # -- completion -------------------------------------------------------------------------
+    def commit(self, stats: dict | None = None, rows: int | None = None, errors: int = 0) -> dict:
+        """Rename the temporary folder into place and write `_SUCCESS.json` last."""
+        (self.tmp / PARTIAL).unlink(missing_ok=True)
+        parts = list_parts(self.tmp)
+        if rows is None:
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        manifest = {
+            **self._identity(),
+            "iteration": self.iteration,
+            "sipt_version": __version__,
+            "config_sections": self.config_sections,
+            "rows": rows,
+            "parts": len(parts),
+            "errors": errors,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "seconds": round(time.time() - self.started, 3),
+            "stats": stats or {},
+        }
+        old = self.out.parent / f".{self.out.name}.old"
+        if self.out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        _write_json_atomic(self.out / SUCCESS, manifest)
+        if old.exists():
+            shutil.rmtree(old)
+        self.manifest = manifest
+        return manifest
+
+
+def state_of(run_dir: Path, folder: Path, cfg_hash_fn) -> tuple[str, dict | None]:
+    """done / stale / failed / missing for one stage folder.
+
+    `cfg_hash_fn(sections)` gives the current config hash of the named sections.
+    """
+    tmp = folder.parent / f".{folder.name}.tmp"
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if tmp.exists() or folder.exists():
+            failed = tmp / FAILED
+            info = json.loads(failed.read_text()) if failed.exists() else {"error": "interrupted"}
+            return "failed", info
+        return "missing", None
+    if tmp.exists() and (tmp / FAILED).exists():
+        return "failed", json.loads((tmp / FAILED).read_text())
+    for key, entry in manifest.get("inputs", {}).items():
+        if fingerprint(run_dir, entry["ref"]) != entry["fingerprint"]:
+            return "stale", {**manifest, "why": f"input '{key}' changed"}
+    sections = manifest.get("config_sections")
+    if sections is not None and cfg_hash_fn is not None and cfg_hash_fn(sections) != manifest.get("config_hash"):
+        return "stale", {**manifest, "why": "config changed"}
+    return "done", manifest
+
+
+def run_status(run_dir: Path, cfg_hash_fn=None) -> list[dict]:
+    """One row per stage per iteration: the data behind `sipt status`."""
+    run_dir = Path(run_dir)
+    rows = []
+
+    def add(stage: str, iteration: int | None, folder: Path) -> None:
+        state, info = state_of(run_dir, folder, cfg_hash_fn)
+        rows.append(
+            {
+                "iteration": iteration,
+                "stage": stage,
+                "state": state,
+                "rows": (info or {}).get("rows") if state in ("done", "stale") else None,
+                "seconds": (info or {}).get("seconds") if state in ("done", "stale") else None,
+                "detail": (info or {}).get("why") or (info or {}).get("error") or "",
+                "path": str(folder.relative_to(run_dir)),
+            }
+        )
+
+    add("samples", None, stage_dir(run_dir, "samples"))
+    iters = sorted(
+        int(p.name.split("-")[1]) for p in run_dir.glob("iter-[0-9][0-9][0-9]") if p.is_dir()
+    ) or [0]
+    for i in iters:
+        for stage in ITER_STAGES:
+            add(stage, i, stage_dir(run_dir, stage, i))
+    return rows

@@ -1,0 +1,219 @@
+"""The `sipt` command line: parse, resolve the run's config, call the stage. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sipt import __version__
+from sipt import config as config_mod
+from sipt.errors import SiptError
+
+app = typer.Typer(
+    help="Self-Improving Pretraining: rollouts from the policy, judgments from a strong model, "
+    "online DPO / RF-NLL updates. Every stage reads and writes Parquet under --run.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+RunOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory (created on first use).")]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="TOML config. Default: the run's frozen sipt.toml.")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if done; accept config changes.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: dict[str, Any], force: bool):
+    overrides = [*(sets or [])]
+    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return config_mod.resolve(run, cfg_file, overrides, force=force)
+
+
+def _report(manifest: dict, label: str) -> None:
+    stats = manifest.get("stats", {})
+    shown = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list)))
+    out.print(f"[green]{label}[/] {manifest.get('rows', 0)} rows in {manifest.get('seconds', 0)} s  {shown}")
+
+
+@app.command()
+def init(
+    run: RunOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    input: Annotated[Optional[list[Path]], typer.Option("--input", "-i", help="Corpus to train the tokenizer on (data.inputs).")] = None,
+    policy: Annotated[Optional[Path], typer.Option(help="Start from this Hugging Face model folder (model.policy).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="tiny (~5M) or small (~30M) (model.preset).")] = None,
+    force: ForceOpt = False,
+):
+    """Write the initial policy iter-000/policy: an existing HF model, or a new tokenizer + Llama."""
+    from stages import init as stage
+
+    flags = {"model.policy": str(policy) if policy else None, "model.preset": preset,
+             "data.inputs": [str(p) for p in input] if input else None}
+    cfg = _resolve(run, config, set_, flags, force)
+    manifest = stage.run(run, cfg, force=force)
+    _report(manifest, "init")
+
+
+@app.command()
+def shard(
+    run: RunOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    input: Annotated[Optional[list[Path]], typer.Option("--input", "-i", help="Corpus files, folders or globs (data.inputs).")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="data.text_column")] = None,
+    suffix_tokens: Annotated[Optional[int], typer.Option(help="data.suffix_tokens")] = None,
+    samples_per_doc: Annotated[Optional[int], typer.Option(help="data.samples_per_doc")] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option(help="data.eval_fraction")] = None,
+    streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="data.streaming")] = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Cut the corpus into (prefix, suffix) samples: samples/part-*.parquet."""
+    from stages import shard as stage
+
+    flags = {
+        "data.inputs": [str(p) for p in input] if input else None,
+        "data.text_column": text_column,
+        "data.suffix_tokens": suffix_tokens,
+        "data.samples_per_doc": samples_per_doc,
+        "data.eval_fraction": eval_fraction,
+        "data.streaming": streaming,
+    }
+    cfg = _resolve(run, config, set_, flags, force)
+    manifest = stage.run(run, cfg, force=force, show_progress=progress)
+    _report(manifest, "shard")
+
+
+@app.command()
+def world(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the knowledge base, corpus and MC task.")],
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Generate the toy world: knowledge base, corpus with known false/unsafe sentences, MC task."""
+    _not_yet("world", 3)
+
+
+@app.command()
+def status(
+    run: RunOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Show done / stale / failed / missing for every stage of every iteration."""
+    from sipt import artifacts
+
+    if not run.exists():
+        raise SiptError(f"{run}: no such run directory")
+    frozen = run / config_mod.FROZEN
+    cfg = config_mod.build(config_mod.load_toml(frozen), str(frozen)) if frozen.exists() else None
+    rows = artifacts.run_status(run, cfg.hash if cfg else None)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"sipt status: {run}")
+    for col in ("iter", "stage", "state", "rows", "time (s)", "detail"):
+        table.add_column(col, justify="right" if col in ("rows", "time (s)") else "left")
+    colors = {"done": "green", "stale": "yellow", "failed": "red", "missing": "dim"}
+    for r in rows:
+        table.add_row(
+            "" if r["iteration"] is None else str(r["iteration"]),
+            r["stage"],
+            f"[{colors[r['state']]}]{r['state']}[/]",
+            "" if r["rows"] is None else str(r["rows"]),
+            "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            str(r["detail"])[:60],
+        )
+    out.print(table)
+
+
+config_app = typer.Typer(help="Show a run's resolved config or the reference of every key.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None):
+    """Print the config a command would run with (without freezing anything new)."""
+    frozen = run / config_mod.FROZEN
+    base = config_mod.load_toml(config) if config else (config_mod.load_toml(frozen) if frozen.exists() else {})
+    print(config_mod.build(config_mod.apply_overrides(base, set_ or [])).to_toml())
+
+
+@config_app.command("reference")
+def config_reference():
+    """Print every config key with its default and meaning (Markdown)."""
+    print(config_mod.reference_markdown())
+
+
+def _not_yet(name: str, issue: int) -> None:
+    err.print(f"[yellow]sipt {name}: not implemented yet[/] (tracked in issue #{issue}).")
+    raise typer.Exit(2)
+
+
+_PLANNED = {
+    "rewrite": (4, "Rewrite suffixes with the teacher (paper §5): rewrite/."),
+    "rollout": (4, "Sample N continuations of each prefix from the policy: rollout/."),
+    "judge": (5, "Judge candidates for quality, safety, factuality: judge/."),
+    "pair": (5, "Build DPO / RF-NLL pairs from the judgments: pair/."),
+    "train": (6, "Update the policy with online DPO, RF-NLL or NTP: iter-(i+1)/policy."),
+    "eval": (7, "Win rates, safety, factuality and benchmarks of a policy: eval/."),
+    "report": (7, "Write report.md with tables and charts for a run."),
+    "loop": (7, "Run every stage of every iteration in order, skipping what is done."),
+}
+
+
+def _planned(name: str, issue: int, doc: str):
+    def command(ctx: typer.Context) -> None:
+        _not_yet(name, issue)
+
+    command.__doc__ = doc
+    return command
+
+
+for _name, (_issue, _doc) in _PLANNED.items():
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        _planned(_name, _issue, _doc)
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sipt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+):
+    pass
+
+
+def main() -> None:
+    try:
+        app()
+    except SiptError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished parts are kept; rerun the same command to continue.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Typed run configuration: one TOML file per run, every key documented, overridable and frozen.
+
+Each section is a dataclass; each field carries `help` (the reference manual is generated from it)
+and `results` (False for keys that only change speed or logging, never the artifacts). The resolved
+config of a run is frozen into `runs/<name>/sipt.toml` on first use; a later command that changes a
+result-affecting key is refused unless `--force`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from sipt.errors import SiptError
+
+
+def knob(default: Any, help: str, *, results: bool = True, choices: tuple | None = None):
+    """A config field with its documentation. Mutable defaults are copied per instance."""
+    meta = {"help": help, "results": results, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """[run] What identifies a run and seeds everything in it."""
+
+    seed: int = knob(0, "Master seed. Every stage derives its per-part and per-document seeds from it.")
+    iterations: int = knob(1, "Number of self-improving iterations `sipt loop` runs (rollout → train).")
+
+
+@dataclass
+class DataConfig:
+    """[data] The corpus and how `sipt shard` cuts it into (prefix, suffix) samples."""
+
+    inputs: list = knob(
+        [],
+        "Corpus sources: JSONL (.jsonl, .jsonl.gz), Parquet or plain-text files, folders or globs; "
+        "a local `datasets` folder (save_to_disk); or a `datasets` hub name (needs the hub).",
+    )
+    format: str = knob(
+        "auto",
+        "How to read `inputs`: auto (by file extension; a non-path is a datasets name), jsonl, "
+        "parquet, text or datasets.",
+        choices=("auto", "jsonl", "parquet", "text", "datasets"),
+    )
+    text_column: str = knob("text", "Column (JSONL key) that holds the document text.")
+    id_column: str = knob(
+        "", "Column with a stable document id. Empty: `<source>:<row>` is used as the id."
+    )
+    meta_columns: list = knob(
+        [], "Columns carried into `samples/` as JSON in the `meta` column (e.g. a document's kind)."
+    )
+    text_unit: str = knob(
+        "file",
+        "For plain-text inputs: one document per `file`, per blank-line separated `paragraph`, "
+        "or per `line`.",
+        choices=("file", "paragraph", "line"),
+    )
+    encoding_errors: str = knob(
+        "strict",
+        "How invalid UTF-8 in text/JSONL files is handled: strict (stop with the file and byte "
+        "offset), replace (U+FFFD) or ignore.",
+        choices=("strict", "replace", "ignore"),
+    )
+    dataset_config: str = knob("", "`datasets` configuration name (for hub datasets).")
+    dataset_split: str = knob("train", "`datasets` split to read.")
+    streaming: bool = knob(
+        False, "Stream a `datasets` dataset instead of downloading/materialising it first.",
+        results=False,
+    )
+    suffix_tokens: int = knob(128, "Length N of the suffix (the chunk the policy learns to write).")
+    min_prefix_tokens: int = knob(16, "Shortest prefix; split points leave at least this much context.")
+    max_prefix_tokens: int = knob(
+        1920, "Longest prefix; longer contexts are left-truncated (and counted)."
+    )
+    samples_per_doc: int = knob(1, "Distinct random split points drawn per document.")
+    eval_fraction: float = knob(
+        0.0, "Fraction of documents held out (by document) as the evaluation split."
+    )
+    split_column: str = knob(
+        "",
+        "Column that assigns documents to the evaluation split: rows whose value is `eval`, "
+        "`validation` or `test` are held out. Empty: `eval_fraction` decides at random.",
+    )
+    filters: list = knob(
+        [],
+        "Document filters: `rpv2-quality` (RedPajama-V2 Gopher rules, PAPER §10 rules 1–5) and "
+        "`rpv2-unsafe` (rule 6: ≥5 curse words and a UT1 blocklist category). Need `quality_signals`.",
+    )
+    quality_signals_column: str = knob(
+        "quality_signals", "Column holding RedPajama-V2 quality signals (JSON string or struct)."
+    )
+    on_bad_text: str = knob(
+        "error",
+        "A null or empty text: `error` stops with the file and row; `skip` skips and counts it.",
+        choices=("error", "skip"),
+    )
+    docs_per_part: int = knob(
+        2048, "Documents per output part. A killed run loses at most the part in flight."
+    )
+    tokenize_batch_size: int = knob(
+        512, "Documents tokenized per batch (speed only).", results=False
+    )
+
+
+@dataclass
+class ModelConfig:
+    """[model] The initial policy that `sipt init` writes to `iter-000/policy`."""
+
+    policy: str = knob(
+        "",
+        "An existing Hugging Face model folder to start from. Empty: train a byte-level BPE "
+        "tokenizer on the corpus and build a Llama model from `preset`.",
+    )
+    preset: str = knob(
+        "tiny", "Size of a new policy: tiny (~5M parameters) or small (~30M).",
+        choices=("tiny", "small"),
+    )
+    vocab_size: int = knob(0, "Tokenizer vocabulary size for a new policy. 0: the preset's.")
+    max_position_embeddings: int = knob(
+        2048, "Context length of a new policy (prefix + suffix must fit)."
+    )
+    tokenizer_docs: int = knob(
+        20000, "At most this many corpus documents train the tokenizer."
+    )
+
+
+# Section name -> dataclass. Later stages register their sections here.
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+}
+
+
+def register_section(name: str, cls: type) -> None:
+    SECTIONS[name] = cls
+
+
+@dataclass
+class Config:
+    """A resolved run configuration: one instance per section."""
+
+    sections: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self, *, results_only: bool = False) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, obj in self.sections.items():
+            out[name] = {
+                f.name: getattr(obj, f.name)
+                for f in dataclasses.fields(obj)
+                if not results_only or f.metadata.get("results", True)
+            }
+        return out
+
+    def hash(self, keys: list[str]) -> str:
+        """Hash of the result-affecting values of `keys` (sections, or `section.key`): the config
+        fingerprint of a stage that depends on exactly those."""
+        d = self.to_dict(results_only=True)
+        picked = {}
+        for key in sorted(keys):
+            section, _, name = key.partition(".")
+            picked[key] = d[section].get(name) if name else d[section]
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        lines = ["# sipt run configuration, frozen at first use. Edit with care: see `sipt status`.", ""]
+        for name, values in self.to_dict().items():
+            lines.append(f"[{name}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid: {', '.join(sorted(options))}."
+
+
+def _coerce(where: str, key: str, value: Any, typ: Any) -> Any:
+    """Check a TOML value against the field type; ints are accepted where floats are expected."""
+    origin = typ if isinstance(typ, type) else getattr(typ, "__origin__", None)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (list, dict) and isinstance(value, origin):
+        return value
+    if isinstance(origin, type) and isinstance(value, origin) and not (
+        origin is int and isinstance(value, bool)
+    ):
+        return value
+    raise SiptError(
+        f"{where}: key '{key}' must be {getattr(origin, '__name__', typ)}, got {value!r}"
+    )
+
+
+def build(data: dict[str, Any], where: str = "config") -> Config:
+    """Validate a nested dict (from TOML) into a Config. Unknown keys are errors with a suggestion."""
+    sections = {}
+    for name in data:
+        if name not in SECTIONS:
+            raise SiptError(f"{where}: unknown section [{name}].{_suggest(name, list(SECTIONS))}")
+    for name, cls in SECTIONS.items():
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise SiptError(f"{where}: [{name}] must be a table of keys")
+        hints = get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise SiptError(
+                    f"{where}: unknown key '{name}.{key}'.{_suggest(key, list(fields))}"
+                )
+            value = _coerce(where, f"{name}.{key}", value, hints[key])
+            choices = fields[key].metadata.get("choices")
+            if choices and value not in choices:
+                raise SiptError(
+                    f"{where}: '{name}.{key}' = {value!r} is not one of {', '.join(choices)}"
+                )
+            kwargs[key] = value
+        sections[name] = cls(**kwargs)
+    return Config(sections)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SiptError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SiptError(f"{path}: invalid TOML: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value`; the value is read as a TOML literal, else taken as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise SiptError(f"--set {text!r}: expected section.key=value, e.g. data.suffix_tokens=64")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    data = {k: dict(v) for k, v in data.items()}
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(*k.split(".", 1), v) for k, v in overrides.items()]
+    )
+    for section, key, value in items:
+        data.setdefault(section, {})[key] = value
+    return data
+
+
+def diff(a: Config, b: Config, *, results_only: bool = True) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(results_only=results_only), b.to_dict(results_only=results_only)
+    return [
+        f"{s}.{k}"
+        for s in da
+        for k in da[s]
+        if da[s][k] != db.get(s, {}).get(k)
+    ]
+
+
+FROZEN = "sipt.toml"
+
+
+def resolve(
+    run_dir: Path,
+    config_file: Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    force: bool = False,
+) -> Config:
+    """The config a command runs with, frozen into `run_dir/sipt.toml` on first use.
+
+    Order: the frozen file (or `config_file`, or defaults), then `overrides`. A change to a
+    result-affecting key of an existing run is refused unless `force`, which re-freezes it (the
+    stages it touches then show as stale).
+    """
+    run_dir = Path(run_dir)
+    frozen_path = run_dir / FROZEN
+    frozen = build(load_toml(frozen_path), str(frozen_path)) if frozen_path.exists() else None
+    if config_file is not None:
+        base = load_toml(config_file)
+        where = str(config_file)
+    elif frozen is not None:
+        base, where = frozen.to_dict(), str(frozen_path)
+    else:
+        base, where = {}, "defaults"
+    resolved = build(apply_overrides(base, overrides or []), where if not overrides else f"{where} + overrides")
+    if frozen is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(frozen_path, resolved.to_toml())
+        return resolved
+    changed = diff(frozen, resolved)
+    if changed and not force:
+        shown = ", ".join(
+            f"{k} ({_get(frozen, k)!r} -> {_get(resolved, k)!r})" for k in changed[:6]
+        )
+        raise SiptError(
+            f"{frozen_path}: this run was started with other values for {shown}. "
+            "Use a new --run directory, or pass --force to re-freeze the config "
+            "(stages that depend on these keys become stale)."
+        )
+    if changed:  # forced: re-freeze; speed-only keys apply to this command alone
+        _write_atomic(frozen_path, resolved.to_toml())
+    return resolved
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    s, k = dotted.split(".", 1)
+    return getattr(cfg.sections[s], k)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def reference_markdown() -> str:
+    """The config reference (README section), generated from the dataclasses."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines += [f"#### `[{name}]`", "", (cls.__doc__ or "").split("]", 1)[-1].strip(), ""]
+        lines += ["| key | default | description |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            note = "" if f.metadata.get("results", True) else " *(speed only)*"
+            lines.append(f"| `{f.name}` | `{_toml_value(default)}` | {f.metadata['help']}{note} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""init: write the initial policy `iter-000/policy` from a Hugging Face folder or a fresh preset.
+
+A fresh policy gets a byte-level BPE tokenizer trained on the corpus with `tokenizers` and a small
+Llama-architecture model initialised from `run.seed`; everything is offline and saved with
+`save_pretrained` (safetensors), so transformers, vLLM, TRL and lm-eval load it as any other model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+from sipt import artifacts, corpus
+from sipt.config import Config
+from sipt.errors import SiptError
+
+SECTIONS = ["run", "model"]
+# A new tokenizer depends on which documents are read, not on how they are later cut.
+CORPUS_KEYS = ["data.inputs", "data.format", "data.text_column", "data.text_unit", "data.encoding_errors",
+               "data.dataset_config", "data.dataset_split", "data.on_bad_text"]
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+# Llama shapes; parameter counts include untied input and output embeddings.
+PRESETS = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4),
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=8),
+}
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style pre-tokenisation) wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None,
+        model_max_length=1_000_000,
+    )
+
+
+def build_model(tokenizer, preset: str, cfg: Config):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(PRESETS[preset])
+    shape["vocab_size"] = len(tokenizer)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=cfg.model.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(cfg.run.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _copy_policy(src: Path, dst: Path) -> None:
+    if not (src / "config.json").exists():
+        raise SiptError(f"{src}: not a Hugging Face model folder (no config.json); set model.policy to one")
+    if not any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise SiptError(f"{src}: no tokenizer files; save the tokenizer next to the model")
+    for item in src.iterdir():
+        if item.name.startswith((".", "_")):
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / item.name)
+
+
+def run(run_dir: Path, cfg: Config, *, force: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    m = cfg.model
+    if m.policy:
+        src = Path(m.policy)
+        if not src.exists():
+            raise SiptError(f"model.policy = {m.policy}: no such folder")
+        inputs = {"source_model": artifacts.files_ref([src])}
+    else:
+        inputs = {"corpus": corpus.input_ref(cfg.data)}
+    keys = SECTIONS + ([] if m.policy else CORPUS_KEYS)
+    stage = artifacts.Stage(
+        run_dir=run_dir,
+        name="init",
+        out=artifacts.stage_dir(run_dir, "policy", 0),
+        config_hash=cfg.hash(keys),
+        config_sections=keys,
+        inputs=inputs,
+        iteration=0,
+        force=force,
+    )
+    with stage:
+        if stage.skipped:
+            return stage.manifest
+        for item in stage.tmp.iterdir():  # a model folder is written whole; nothing to resume
+            if item.name != artifacts.PARTIAL:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        if m.policy:
+            _copy_policy(Path(m.policy), stage.tmp)
+            stats = {"source": str(m.policy)}
+        else:
+            texts = (doc.text for doc in itertools.islice(corpus.iter_documents(cfg.data), m.tokenizer_docs)
+                     if doc.text is not None)
+            tokenizer = train_tokenizer(texts, m.vocab_size or PRESETS[m.preset]["vocab_size"])
+            model = build_model(tokenizer, m.preset, cfg)
+            model.save_pretrained(stage.tmp, safe_serialization=True)
+            tokenizer.save_pretrained(stage.tmp)
+            stats = {
+                "preset": m.preset,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "vocab_size": len(tokenizer),
+            }
+        return stage.commit(stats, rows=0)

@@ -1,0 +1,179 @@
+"""shard: cut corpus documents into (prefix, suffix) samples at seeded random token positions.
+
+Documents are read as a stream and processed `data.docs_per_part` at a time; each part is one
+Parquet file. The split points of a document depend only on (run.seed, doc_id), so a killed and
+rerun shard writes exactly the same samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from sipt import artifacts, corpus
+from sipt.config import Config
+from sipt.errors import SiptError
+from sipt.progress import progress_bar
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("split", pa.string()),  # "train" or "eval" (held out by document)
+        ("prefix_ids", pa.list_(pa.int32())),
+        ("suffix_ids", pa.list_(pa.int32())),
+        ("prefix_text", pa.string()),
+        ("suffix_text", pa.string()),
+        ("source", pa.string()),
+        ("doc_tokens", pa.int32()),
+        ("split_token", pa.int32()),  # index of the first suffix token in the document
+        ("prefix_start", pa.int32()),  # index of the first prefix token (>0: left-truncated)
+        ("meta", pa.string()),  # JSON of data.meta_columns
+    ]
+)
+
+SECTIONS = ["run", "data"]
+
+
+def _ids_array(seqs: list[list[int]]) -> pa.Array:
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def load_tokenizer(policy_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not (policy_dir / "config.json").exists() and not (policy_dir / "tokenizer.json").exists():
+        raise SiptError(f"{policy_dir}: no policy yet; run `sipt init --run {policy_dir.parent.parent}` first")
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    if not getattr(tok, "is_fast", False):
+        raise SiptError(f"{policy_dir}: the tokenizer has no fast (Rust) version; sipt needs one for exact offsets")
+    return tok
+
+
+def split_points(n_tokens: int, doc_id: str, cfg: Config) -> list[int]:
+    """Seeded, per-document split points: each leaves >= min_prefix tokens before, a full suffix after."""
+    d = cfg.data
+    lo, hi = d.min_prefix_tokens, n_tokens - d.suffix_tokens
+    if hi < lo:
+        return []
+    rng = random.Random(f"{cfg.run.seed}:split:{doc_id}")
+    k = min(d.samples_per_doc, hi - lo + 1)
+    return sorted(rng.sample(range(lo, hi + 1), k))
+
+
+def is_eval(doc_id: str, cfg: Config) -> bool:
+    return random.Random(f"{cfg.run.seed}:heldout:{doc_id}").random() < cfg.data.eval_fraction
+
+
+def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, dict]:
+    d = cfg.data
+    stats = dict.fromkeys(
+        ["docs", "docs_eval", "samples", "samples_eval", "skipped_short", "skipped_empty",
+         "prefix_truncated", "doc_tokens"] + [f"filtered_{f}" for f in d.filters],
+        0,
+    )
+    kept: list[corpus.Document] = []
+    for doc in docs:
+        if doc.text is None:
+            stats["skipped_empty"] += 1
+            continue
+        rejected = next((f for f in d.filters if not corpus.FILTERS[f](doc.quality_signals)), None)
+        if rejected:
+            stats[f"filtered_{rejected}"] += 1
+            continue
+        kept.append(doc)
+    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+    backend = tok.backend_tokenizer
+    for start in range(0, len(kept), d.tokenize_batch_size):
+        batch = kept[start : start + d.tokenize_batch_size]
+        encodings = backend.encode_batch([doc.text for doc in batch], add_special_tokens=False)
+        for doc, enc in zip(batch, encodings):
+            ids, offsets = enc.ids, enc.offsets
+            stats["docs"] += 1
+            stats["doc_tokens"] += len(ids)
+            points = split_points(len(ids), doc.doc_id, cfg)
+            if not points:
+                stats["skipped_short"] += 1
+                continue
+            held_out = doc.heldout if doc.heldout is not None else is_eval(doc.doc_id, cfg)
+            stats["docs_eval"] += held_out
+            meta = json.dumps(doc.meta, ensure_ascii=False, default=str)
+            for j, s in enumerate(points):
+                p0 = max(0, s - d.max_prefix_tokens)
+                end = s + d.suffix_tokens
+                stats["prefix_truncated"] += p0 > 0
+                # Texts are cut at token end offsets, so the whitespace before a token stays with it.
+                c0 = offsets[p0 - 1][1] if p0 > 0 else 0
+                c1 = offsets[s - 1][1]
+                c2 = offsets[end - 1][1]
+                cols["sample_id"].append(f"{doc.doc_id}#{j}")
+                cols["doc_id"].append(doc.doc_id)
+                cols["split"].append("eval" if held_out else "train")
+                cols["prefix_ids"].append(ids[p0:s])
+                cols["suffix_ids"].append(ids[s:end])
+                cols["prefix_text"].append(doc.text[c0:c1])
+                cols["suffix_text"].append(doc.text[c1:c2])
+                cols["source"].append(doc.source)
+                cols["doc_tokens"].append(len(ids))
+                cols["split_token"].append(s)
+                cols["prefix_start"].append(p0)
+                cols["meta"].append(meta)
+            stats["samples"] += len(points)
+            stats["samples_eval"] += len(points) if held_out else 0
+    arrays = [
+        _ids_array(cols[name]) if name.endswith("_ids") else pa.array(cols[name], type=SCHEMA.field(name).type)
+        for name in SCHEMA.names
+    ]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA), stats
+
+
+def run(run_dir: Path, cfg: Config, *, force: bool = False, show_progress: bool = True) -> dict:
+    """Write `samples/` for the run. Returns the stage manifest (the existing one if skipped)."""
+    run_dir = Path(run_dir)
+    d = cfg.data
+    unknown = [f for f in d.filters if f not in corpus.FILTERS]
+    if unknown:
+        raise SiptError(f"data.filters: unknown filter '{unknown[0]}' (known: {', '.join(corpus.FILTERS)})")
+    if d.suffix_tokens < 1 or d.min_prefix_tokens < 1 or d.max_prefix_tokens < d.min_prefix_tokens:
+        raise SiptError("data: need suffix_tokens >= 1 and 1 <= min_prefix_tokens <= max_prefix_tokens")
+    policy = artifacts.stage_dir(run_dir, "policy", 0)
+    tok = load_tokenizer(policy)
+    stage = artifacts.Stage(
+        run_dir=run_dir,
+        name="shard",
+        out=artifacts.stage_dir(run_dir, "samples"),
+        config_hash=cfg.hash(SECTIONS),
+        config_sections=SECTIONS,
+        inputs={"corpus": corpus.input_ref(d), "policy": "iter-000/policy"},
+        force=force,
+    )
+    with stage:
+        if stage.skipped:
+            return stage.manifest
+        docs = corpus.iter_documents(d)
+        with progress_bar("shard", unit="docs", enabled=show_progress) as bar:
+            for index in itertools.count():
+                chunk = list(itertools.islice(docs, d.docs_per_part))
+                if not chunk:
+                    break
+                if not stage.has_part(index):
+                    table, stats = _process(chunk, tok, cfg)
+                    stage.write_part(index, table, stats)
+                bar.advance(len(chunk))
+        stats = stage.collected_stats()
+        if stats.get("samples", 0) == 0:
+            raise SiptError(
+                f"{', '.join(map(str, d.inputs))}: no samples: {int(stats.get('docs', 0))} documents read, "
+                f"{int(stats.get('skipped_short', 0))} shorter than min_prefix_tokens + suffix_tokens "
+                f"({d.min_prefix_tokens} + {d.suffix_tokens}); lower data.suffix_tokens or add longer documents"
+            )
+        return stage.commit({k: int(v) for k, v in stats.items()})

@@ -1,0 +1,71 @@
+"""Shared fixtures: a procedurally generated corpus and a tiny policy trained on it (session-scoped)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from sipt import config as config_mod
+
+WORDS = (
+    "the a river city council built old new bridge market north south winter summer people "
+    "school library music farmers grain trade road harbour ships engineers stone tower garden "
+    "museum painter wrote book about history of valley mountain lake forest station train "
+    "opened closed during year after before many few small large famous quiet busy"
+).split()
+
+
+def make_docs(n: int, seed: int = 0, min_sent: int = 4, max_sent: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sents = []
+        for _ in range(rng.randint(min_sent, max_sent)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
+            sents.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sents))
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], **extra_cols) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for i, text in enumerate(docs):
+            row = {"id": f"d{i}", "text": text}
+            for k, values in extra_cols.items():
+                row[k] = values[i]
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    write_jsonl(d / "docs.jsonl", make_docs(300, seed=1))
+    return d
+
+
+@pytest.fixture(scope="session")
+def policy_run(tmp_path_factory, corpus_dir) -> Path:
+    """A run with iter-000/policy built by `init` (tiny preset, small vocab for speed)."""
+    from stages import init
+
+    run = tmp_path_factory.mktemp("policy_run")
+    cfg = config_mod.resolve(
+        run, overrides={"data.inputs": [str(corpus_dir)], "model.vocab_size": 512}
+    )
+    init.run(run, cfg)
+    return run
+
+
+@pytest.fixture
+def run_with_policy(policy_run, tmp_path) -> Path:
+    """A fresh run folder that shares the session's policy (copied, so stages may write freely)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(policy_run / "iter-000", run / "iter-000")
+    return run

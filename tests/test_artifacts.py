@@ -1,0 +1,90 @@
+import json
+
+import pyarrow as pa
+import pytest
+
+from sipt import artifacts
+from sipt.errors import SiptError
+
+
+def _stage(tmp_path, **kw):
+    args = dict(run_dir=tmp_path, name="demo", out=tmp_path / "iter-000" / "rollout", config_hash="c1",
+                config_sections=["run"], inputs={})
+    args.update(kw)
+    return artifacts.Stage(**args)
+
+
+def _table(n):
+    return pa.table({"x": list(range(n))})
+
+
+def test_crash_keeps_parts_and_marks_failed(tmp_path):
+    with pytest.raises(RuntimeError):
+        with _stage(tmp_path) as st:
+            st.write_part(0, _table(3), {"rows": 3})
+            raise RuntimeError("server went away")
+    rows = {r["stage"]: r for r in artifacts.run_status(tmp_path)}
+    assert rows["rollout"]["state"] == "failed" and "server went away" in rows["rollout"]["detail"]
+    with _stage(tmp_path) as st:
+        assert st.has_part(0)  # resumed
+        st.write_part(1, _table(2), {"rows": 2})
+        assert st.collected_stats() == {"rows": 5}
+        m = st.commit()
+    assert m["rows"] == 5 and m["parts"] == 2
+    assert not (tmp_path / "iter-000" / ".rollout.tmp").exists()
+    assert json.loads((tmp_path / "iter-000" / "rollout" / "_SUCCESS.json").read_text())["rows"] == 5
+
+
+def test_user_error_removes_partial_output(tmp_path):
+    with pytest.raises(SiptError):
+        with _stage(tmp_path) as st:
+            st.write_part(0, _table(3))
+            raise SiptError("bad row")
+    assert not (tmp_path / "iter-000" / ".rollout.tmp").exists()
+    assert not (tmp_path / "iter-000" / "rollout").exists()
+
+
+def test_parts_of_another_config_are_not_resumed(tmp_path):
+    with pytest.raises(RuntimeError):
+        with _stage(tmp_path) as st:
+            st.write_part(0, _table(3))
+            raise RuntimeError
+    with _stage(tmp_path, config_hash="c2") as st:
+        assert not st.has_part(0)
+
+
+def test_force_rebuilds_beside_and_swaps(tmp_path):
+    with _stage(tmp_path) as st:
+        st.write_part(0, _table(1))
+        st.commit()
+    with _stage(tmp_path) as st:
+        assert st.skipped
+    with _stage(tmp_path, force=True) as st:
+        assert not st.skipped
+        assert (tmp_path / "iter-000" / "rollout" / "_SUCCESS.json").exists()  # old output untouched meanwhile
+        st.write_part(0, _table(4))
+        assert st.commit()["rows"] == 4
+
+
+def test_downstream_becomes_stale_when_input_reruns(tmp_path):
+    up = dict(out=tmp_path / "samples", name="shard")
+    with _stage(tmp_path, **up) as st:
+        st.write_part(0, _table(1))
+        st.commit()
+    down = dict(inputs={"samples": "samples"})
+    with _stage(tmp_path, **down) as st:
+        st.write_part(0, _table(1))
+        st.commit()
+    assert {r["stage"]: r["state"] for r in artifacts.run_status(tmp_path)}["rollout"] == "done"
+    with _stage(tmp_path, force=True, **up) as st:
+        st.write_part(0, _table(2))
+        st.commit()
+    assert {r["stage"]: r["state"] for r in artifacts.run_status(tmp_path)}["rollout"] == "stale"
+    with _stage(tmp_path, **down) as st:
+        assert not st.skipped  # stale: rebuilt
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(SiptError, match="input 'samples'.*run the stage that produces it first"):
+        with _stage(tmp_path, inputs={"samples": "samples"}):
+            pass

@@ -1,0 +1,87 @@
+import dataclasses
+
+import pytest
+
+from sipt import config as c
+from sipt.errors import SiptError
+
+
+def test_defaults_and_types():
+    cfg = c.build({})
+    assert cfg.data.suffix_tokens == 128
+    assert cfg.run.seed == 0
+    cfg = c.build({"data": {"eval_fraction": 1}})  # an int where a float is expected is fine
+    assert cfg.data.eval_fraction == 1.0
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(SiptError, match=r"unknown key 'data.sufix_tokens'.*Did you mean 'suffix_tokens'"):
+        c.build({"data": {"sufix_tokens": 64}}, "x.toml")
+
+
+def test_unknown_section_suggests_closest():
+    with pytest.raises(SiptError, match=r"unknown section \[dta\].*Did you mean 'data'"):
+        c.build({"dta": {}})
+
+
+def test_wrong_type_and_choice_are_errors():
+    with pytest.raises(SiptError, match="data.suffix_tokens' must be int"):
+        c.build({"data": {"suffix_tokens": "many"}})
+    with pytest.raises(SiptError, match="not one of"):
+        c.build({"model": {"preset": "huge"}})
+
+
+def test_override_parsing():
+    assert c.parse_override("data.suffix_tokens=64") == ("data", "suffix_tokens", 64)
+    assert c.parse_override("data.inputs=['a', 'b']") == ("data", "inputs", ["a", "b"])
+    assert c.parse_override("data.text_column=body") == ("data", "text_column", "body")
+    with pytest.raises(SiptError, match="section.key=value"):
+        c.parse_override("suffix_tokens=64")
+
+
+def test_freeze_refuse_force(tmp_path):
+    run = tmp_path / "run"
+    cfg = c.resolve(run, overrides=["data.suffix_tokens=64"])
+    assert (run / "sipt.toml").exists()
+    # Same values again, and speed-only keys, are accepted.
+    assert c.resolve(run).data.suffix_tokens == 64
+    assert c.resolve(run, overrides=["data.tokenize_batch_size=7"]).data.tokenize_batch_size == 7
+    assert c.resolve(run).data.tokenize_batch_size == 512  # not frozen
+    with pytest.raises(SiptError, match=r"data.suffix_tokens \(64 -> 32\).*--force"):
+        c.resolve(run, overrides=["data.suffix_tokens=32"])
+    c.resolve(run, overrides=["data.suffix_tokens=32"], force=True)
+    assert c.resolve(run).data.suffix_tokens == 32
+    assert cfg.hash(["data"]) != c.resolve(run).hash(["data"])
+
+
+def test_frozen_toml_round_trips(tmp_path):
+    cfg = c.resolve(tmp_path, overrides=["data.inputs=['x y.jsonl', \"q'uote\"]", "data.filters=['rpv2-quality']"])
+    again = c.build(c.load_toml(tmp_path / "sipt.toml"))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_hash_depends_on_named_keys_only():
+    a = c.build({})
+    b = c.build({"data": {"suffix_tokens": 3}, "model": {"preset": "small"}})
+    assert a.hash(["run"]) == b.hash(["run"])
+    assert a.hash(["data.inputs"]) == b.hash(["data.inputs"])
+    assert a.hash(["data"]) != b.hash(["data"])
+    # speed-only keys never change a hash
+    assert a.hash(["data"]) == c.build({"data": {"tokenize_batch_size": 1}}).hash(["data"])
+
+
+def test_every_key_is_documented():
+    ref = c.reference_markdown()
+    for name, cls in c.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{name}.{f.name} has no help"
+            assert f"`{f.name}`" in ref
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parent.parent.joinpath("data", "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        c.build(c.load_toml(path), str(path))

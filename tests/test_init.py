@@ -1,0 +1,61 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sipt import artifacts, config as config_mod
+from sipt.errors import SiptError
+from stages import init
+
+
+def test_new_policy_loads_with_transformers(policy_run):
+    policy = policy_run / "iter-000" / "policy"
+    manifest = artifacts.read_manifest(policy)
+    assert manifest["stage"] == "init" and manifest["stats"]["vocab_size"] == 512
+    assert (policy / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    tok = AutoTokenizer.from_pretrained(policy)
+    assert model.config.model_type == "llama"
+    assert model.config.vocab_size == len(tok) == 512
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id is not None
+    ids = tok("The river city built a new bridge.", return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == "The river city built a new bridge."
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+
+
+def test_presets_have_the_documented_size(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for preset, (lo, hi) in {"tiny": (4e6, 7e6), "small": (25e6, 35e6)}.items():
+        shape = init.PRESETS[preset]
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+        n = sum(p.numel() for p in model.parameters())
+        assert lo < n < hi, (preset, n)
+
+
+def test_init_is_deterministic_and_skips(policy_run, corpus_dir, tmp_path):
+    run = tmp_path / "again"
+    cfg = config_mod.resolve(run, overrides={"data.inputs": [str(corpus_dir)], "model.vocab_size": 512})
+    m = init.run(run, cfg)
+    a = (policy_run / "iter-000" / "policy" / "tokenizer.json").read_bytes()
+    assert (run / "iter-000" / "policy" / "tokenizer.json").read_bytes() == a
+    w1 = AutoModelForCausalLM.from_pretrained(run / "iter-000" / "policy").state_dict()
+    w2 = AutoModelForCausalLM.from_pretrained(policy_run / "iter-000" / "policy").state_dict()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert init.run(run, cfg) == m  # done: skipped
+
+
+def test_init_from_existing_model_folder(policy_run, tmp_path):
+    run = tmp_path / "from_hf"
+    cfg = config_mod.resolve(run, overrides={"model.policy": str(policy_run / "iter-000" / "policy")})
+    m = init.run(run, cfg)
+    assert m["stats"]["source"].endswith("policy")
+    assert AutoTokenizer.from_pretrained(run / "iter-000" / "policy").vocab_size == 512
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    cfg = config_mod.resolve(tmp_path / "r2", overrides={"model.policy": str(bad)})
+    with pytest.raises(SiptError, match="not a Hugging Face model folder"):
+        init.run(tmp_path / "r2", cfg)
+    assert not (tmp_path / "r2" / "iter-000" / "policy").exists()
