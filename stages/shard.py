@@ -97,7 +97,7 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
         batch = kept[start : start + d.tokenize_batch_size]
         encodings = backend.encode_batch([doc.text for doc in batch], add_special_tokens=False)
         for doc, enc in zip(batch, encodings):
-            ids, offsets = enc.ids, enc.offsets
+            ids = enc.ids
             stats["docs"] += 1
             stats["doc_tokens"] += len(ids)
             points = split_points(len(ids), doc.doc_id, cfg)
@@ -112,9 +112,10 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
                 end = s + d.suffix_tokens
                 stats["prefix_truncated"] += p0 > 0
                 # Texts are cut at token end offsets, so the whitespace before a token stays with it.
-                c0 = offsets[p0 - 1][1] if p0 > 0 else 0
-                c1 = offsets[s - 1][1]
-                c2 = offsets[end - 1][1]
+                # (token_to_chars reads three offsets instead of materialising all of them)
+                c0 = enc.token_to_chars(p0 - 1)[1] if p0 > 0 else 0
+                c1 = enc.token_to_chars(s - 1)[1]
+                c2 = enc.token_to_chars(end - 1)[1]
                 cols["sample_id"].append(f"{doc.doc_id}#{j}")
                 cols["doc_id"].append(doc.doc_id)
                 cols["split"].append("eval" if held_out else "train")
