@@ -8,7 +8,7 @@ RUN    ?= runs/demo
 DEMO   ?= data/configs/demo.toml
 PYTEST_ARGS ?=
 
-.PHONY: install loop test bench bench-shard world init shard status clean help
+.PHONY: install loop test bench bench-shard world init shard status docs clean help
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test      run the test suite"
 	@echo "make bench     run the benchmarks and print their tables"
 	@echo "make world|init|shard|status   one stage of the demo run"
+	@echo "make docs      regenerate the README's config reference from the code"
 
 install: $(STAMP)
 
@@ -51,6 +52,9 @@ bench: bench-shard
 
 bench-shard: install
 	$(BIN)/python bench/shard.py
+
+docs: install
+	$(BIN)/sipt config reference --readme README.md
 
 clean:
 	rm -rf $(RUN)

@@ -155,9 +155,14 @@ def config_show(run: RunOpt, config: ConfigOpt = None, set_: SetOpt = None):
 
 
 @config_app.command("reference")
-def config_reference():
+def config_reference(
+    readme: Annotated[Optional[Path], typer.Option(help="Rewrite this README's reference section instead of printing.")] = None,
+):
     """Print every config key with its default and meaning (Markdown)."""
-    print(config_mod.reference_markdown())
+    if readme is None:
+        print(config_mod.reference_markdown())
+        return
+    readme.write_text(config_mod.readme_with_reference(readme.read_text()))
 
 
 def _not_yet(name: str, issue: int) -> None:

@@ -366,3 +366,13 @@ def reference_markdown() -> str:
             lines.append(f"| `{f.name}` | `{_toml_value(default)}` | {f.metadata['help']}{note} |")
         lines.append("")
     return "\n".join(lines)
+
+
+README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def readme_with_reference(readme: str) -> str:
+    """README text with the generated config reference between its two marker comments."""
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{reference_markdown()}{README_END}{tail}"

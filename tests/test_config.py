@@ -85,3 +85,10 @@ def test_shipped_configs_are_valid():
     assert configs
     for path in configs:
         c.build(c.load_toml(path), str(path))
+
+
+def test_readme_reference_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert c.readme_with_reference(readme) == readme, "run `make docs` to regenerate the README reference"
