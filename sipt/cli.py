@@ -99,6 +99,31 @@ def shard(
     _report(manifest, "shard")
 
 
+IterOpt = Annotated[int, typer.Option("--iter", help="Iteration (its policy is iter-NNN/policy).")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="hf, vllm or openai.")]
+
+
+@app.command()
+def rollout(
+    run: RunOpt,
+    iteration: IterOpt = 0,
+    n: Annotated[Optional[int], typer.Option("--n", help="Rollouts per prefix (rollout.n).")] = None,
+    engine: EngineOpt = None,
+    temperature: Annotated[Optional[float], typer.Option(help="rollout.temperature")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="rollout.top_p")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Sample N continuations of each prefix from the iteration's policy: rollout/."""
+    from stages import rollout as stage
+
+    flags = {"rollout.n": n, "rollout.engine": engine, "rollout.temperature": temperature, "rollout.top_p": top_p}
+    cfg = _resolve(run, config, set_, flags, force)
+    _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rollout iter {iteration}")
+
+
 @app.command()
 def world(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the knowledge base, corpus and MC task.")],
@@ -172,7 +197,6 @@ def _not_yet(name: str, issue: int) -> None:
 
 _PLANNED = {
     "rewrite": (4, "Rewrite suffixes with the teacher (paper §5): rewrite/."),
-    "rollout": (4, "Sample N continuations of each prefix from the policy: rollout/."),
     "judge": (5, "Judge candidates for quality, safety, factuality: judge/."),
     "pair": (5, "Build DPO / RF-NLL pairs from the judgments: pair/."),
     "train": (6, "Update the policy with online DPO, RF-NLL or NTP: iter-(i+1)/policy."),

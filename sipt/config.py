@@ -34,6 +34,11 @@ class RunConfig:
 
     seed: int = knob(0, "Master seed. Every stage derives its per-part and per-document seeds from it.")
     iterations: int = knob(1, "Number of self-improving iterations `sipt loop` runs (rollout → train).")
+    prompts_per_iter: int = knob(
+        256,
+        "Prefixes per iteration: iteration i takes the next slice of the train samples (wrapping "
+        "around). Rollout, rewrite and judge all work on this slice.",
+    )
 
 
 @dataclass
@@ -133,11 +138,71 @@ class ModelConfig:
     )
 
 
+ENGINES = ("hf", "vllm", "openai", "oracle")
+
+
+@dataclass
+class EngineConfig:
+    """Which engine runs a model, and how. Shared by the rollout, rewrite and judge sections."""
+
+    engine: str = knob("hf", "hf, vllm, openai (or oracle for judge and rewrite).", choices=ENGINES)
+    model: str = knob(
+        "",
+        "Model: a Hugging Face folder (hf, vllm) or the served model name (openai). Empty for the "
+        "rollout stage: the iteration's policy.",
+    )
+    dtype: str = knob("auto", "auto, float32, bfloat16 or float16 (hf, vllm). auto: bf16 on GPU, fp32 on CPU.",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = knob("auto", "hf: auto (cuda if available), cpu or cuda[:N].", results=False)
+    batch_size: int = knob(64, "hf: sequences per forward batch (prompts × n).", results=False)
+    max_model_len: int = knob(0, "vllm: context length to reserve (0: the model's).", results=False)
+    gpu_memory_utilization: float = knob(0.85, "vllm on GPU: fraction of GPU memory to use.", results=False)
+    base_url: str = knob("http://127.0.0.1:8000/v1", "openai: server address up to /v1.")
+    api_key_env: str = knob(
+        "OPENAI_API_KEY", "openai: name of the environment variable holding the API key (never logged).",
+        results=False,
+    )
+    concurrency: int = knob(8, "openai: requests in flight at once.", results=False)
+    timeout_s: float = knob(120.0, "openai: seconds before a request is abandoned and retried.", results=False)
+    max_retries: int = knob(5, "openai: retries on 429, 5xx and connection errors (exponential backoff).",
+                            results=False)
+
+
+
+@dataclass
+class RolloutConfig(EngineConfig):
+    """[rollout] How the policy writes N continuations of each prefix (engine keys as above)."""
+
+    n: int = knob(16, "Rollouts per prefix (paper: 16; ablations 1/2/4/8/16).")
+    temperature: float = knob(1.0, "Sampling temperature (paper: 1.0). 0 is greedy.")
+    top_p: float = knob(1.0, "Nucleus sampling (paper: 1.0). On the vllm CPU wheel top_p < 1 is ~3x slower.")
+    top_k: int = knob(0, "Top-k sampling; 0 is off.")
+    max_new_tokens: int = knob(0, "Tokens to generate; 0: data.suffix_tokens (paper: 128).")
+    stop_at_eos: bool = knob(True, "Let a rollout end early at the end-of-text token (counted as finish_reason=stop).")
+    prompts_per_part: int = knob(64, "Prefixes per output part (the unit of resume and of scale-out).")
+
+
+@dataclass
+class RewriteConfig(EngineConfig):
+    """[rewrite] The teacher that rewrites suffixes (paper §5): oracle (toy world) or a prompted model."""
+
+    engine: str = knob("oracle", "oracle (toy world), hf, vllm or openai.", choices=ENGINES)
+    template: str = knob("rewrite", "Prompt template: a name in data/prompts/ or a path to a .txt file.")
+    prefix_ending_words: int = knob(5, "Last words of the prefix prepended to suffix and rewrite (paper: 5).")
+    chat: bool = knob(True, "Wrap the prompt in the model's chat template (instruct models).")
+    temperature: float = knob(0.0, "Sampling temperature of the rewriter; 0 is greedy.")
+    top_p: float = knob(1.0, "Nucleus sampling of the rewriter.")
+    max_new_tokens: int = knob(0, "Tokens to generate; 0: 2 x data.suffix_tokens (the text is then cut to the suffix length in policy tokens).")
+    world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
+
+
 # Section name -> dataclass. Later stages register their sections here.
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
     "model": ModelConfig,
+    "rollout": RolloutConfig,
+    "rewrite": RewriteConfig,
 }
 
 
@@ -309,9 +374,10 @@ def resolve(
 ) -> Config:
     """The config a command runs with, frozen into `run_dir/sipt.toml` on first use.
 
-    Order: the frozen file (or `config_file`, or defaults), then `overrides`. A change to a
-    result-affecting key of an existing run is refused unless `force`, which re-freezes it (the
-    stages it touches then show as stale).
+    Order: the frozen file (or `config_file`, or defaults), then `overrides`. A new value for a key
+    that no finished stage depends on yet is simply frozen; a change to a result-affecting key that
+    a finished stage was made with is refused unless `force`, which re-freezes it (the stages that
+    depend on it then show as stale).
     """
     run_dir = Path(run_dir)
     frozen_path = run_dir / FROZEN
@@ -329,18 +395,33 @@ def resolve(
         _write_atomic(frozen_path, resolved.to_toml())
         return resolved
     changed = diff(frozen, resolved)
-    if changed and not force:
+    used = _keys_in_use(run_dir, changed)
+    if used and not force:
         shown = ", ".join(
-            f"{k} ({_get(frozen, k)!r} -> {_get(resolved, k)!r})" for k in changed[:6]
+            f"{k} ({_get(frozen, k)!r} -> {_get(resolved, k)!r}, used by {used[k]})" for k in list(used)[:6]
         )
         raise SiptError(
-            f"{frozen_path}: this run was started with other values for {shown}. "
+            f"{frozen_path}: finished stages were made with other values for {shown}. "
             "Use a new --run directory, or pass --force to re-freeze the config "
-            "(stages that depend on these keys become stale)."
+            "(the stages that depend on these keys become stale)."
         )
-    if changed:  # forced: re-freeze; speed-only keys apply to this command alone
+    if changed:  # keys no finished stage depends on yet, or forced; speed-only keys are never frozen
         _write_atomic(frozen_path, resolved.to_toml())
     return resolved
+
+
+def _keys_in_use(run_dir: Path, keys: list[str]) -> dict[str, str]:
+    """Which of `keys` a finished stage of the run depends on (key -> that stage's folder)."""
+    used: dict[str, str] = {}
+    for marker in sorted([*run_dir.glob("*/_SUCCESS.json"), *run_dir.glob("iter-*/*/_SUCCESS.json")]):
+        try:
+            sections = json.loads(marker.read_text()).get("config_sections") or []
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in keys:
+            if key not in used and any(key == s or key.startswith(s + ".") for s in sections):
+                used[key] = str(marker.parent.relative_to(run_dir))
+    return used
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -40,6 +40,8 @@ def test_override_parsing():
 
 
 def test_freeze_refuse_force(tmp_path):
+    import json
+
     run = tmp_path / "run"
     cfg = c.resolve(run, overrides=["data.suffix_tokens=64"])
     assert (run / "sipt.toml").exists()
@@ -47,8 +49,14 @@ def test_freeze_refuse_force(tmp_path):
     assert c.resolve(run).data.suffix_tokens == 64
     assert c.resolve(run, overrides=["data.tokenize_batch_size=7"]).data.tokenize_batch_size == 7
     assert c.resolve(run).data.tokenize_batch_size == 512  # not frozen
-    with pytest.raises(SiptError, match=r"data.suffix_tokens \(64 -> 32\).*--force"):
+    # No finished stage depends on data.* yet: a new value is frozen without complaint.
+    assert c.resolve(run, overrides=["data.suffix_tokens=48"]).data.suffix_tokens == 48
+    assert c.resolve(run).data.suffix_tokens == 48
+    (run / "samples").mkdir()
+    (run / "samples" / "_SUCCESS.json").write_text(json.dumps({"config_sections": ["run", "data"]}))
+    with pytest.raises(SiptError, match=r"data.suffix_tokens \(48 -> 32, used by samples\).*--force"):
         c.resolve(run, overrides=["data.suffix_tokens=32"])
+    assert c.resolve(run, overrides=["rollout.n=4"]).rollout.n == 4  # rollout.* is not used yet
     c.resolve(run, overrides=["data.suffix_tokens=32"], force=True)
     assert c.resolve(run).data.suffix_tokens == 32
     assert cfg.hash(["data"]) != c.resolve(run).hash(["data"])

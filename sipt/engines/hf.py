@@ -1,0 +1,142 @@
+"""hf engine: transformers in-process; batched, length-bucketed, left-padded sampling with a KV cache.
+
+The decode loop is written out (instead of `model.generate`) so that it records, for every
+continuation, the exact token ids, the summed log-probability under the model (temperature 1,
+whatever the sampling temperature) and whether it stopped at EOS, without keeping all logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from sipt.engines import EngineConfig, Generation, Sampling
+from sipt.errors import SiptError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """One token per row from `logits` (rows × vocab) under temperature, top-k and top-p."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.float().softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not model_dir or not Path(model_dir, "config.json").exists():
+            raise SiptError(f"{model_dir or '(empty)'}: not a Hugging Face model folder (no config.json)")
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted({e for e in eos if e is not None})
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        # transformers 5.2x renamed `past_key_values` to `cache`; support both.
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def __enter__(self) -> "HFEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
+        """`s.n` continuations of every prompt. Deterministic for the same prompts, order and seed."""
+        rows = [(i, j) for i in range(len(prompts)) for j in range(s.n)]
+        # Length bucketing: similar lengths share a batch, so little compute goes to padding.
+        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        gen = torch.Generator(device=self.device).manual_seed(s.seed)
+        out: list[list[Generation | None]] = [[None] * s.n for _ in prompts]
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(rows), bs):
+            batch = rows[start : start + bs]
+            results = self._generate_batch([prompts[i] for i, _ in batch], s, gen)
+            for (i, j), res in zip(batch, results):
+                out[i][j] = res
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]], s: Sampling, gen) -> list[Generation]:
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        past, logits = getattr(out, self.cache_kw), out.logits[:, -1, :]
+        eos = torch.tensor(self.eos_ids, device=self.device) if (s.stop_at_eos and self.eos_ids) else None
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros(b, dtype=torch.bool, device=self.device)
+        logprob = torch.zeros(b, dtype=torch.float32, device=self.device)
+        tokens = []
+        pos = positions[:, -1:]
+        for step in range(s.max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            nxt = sample_next(logits, s, gen)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            logprob += torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1))
+            tokens.append(nxt)
+            if eos is not None:
+                hit = ~done & torch.isin(nxt, eos)
+                stopped |= hit
+                done |= hit
+            if bool(done.all()) or step == s.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            pos = pos + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                             use_cache=True, **{self.cache_kw: past})
+            past, logits = getattr(out, self.cache_kw), out.logits[:, -1, :]
+        gen_ids = torch.stack(tokens, dim=1).cpu().tolist()
+        results = []
+        for r in range(b):
+            seq = gen_ids[r]
+            if bool(stopped[r]):
+                seq = seq[: next(k for k, t in enumerate(seq) if t in self.eos_ids) + 1]
+            text = self.tokenizer.decode(seq, skip_special_tokens=True)
+            results.append(Generation(seq, text, float(logprob[r]), "stop" if bool(stopped[r]) else "length"))
+        return results
