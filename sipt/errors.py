@@ -7,3 +7,11 @@ class SiptError(Exception):
     Stages delete their temporary output when one is raised: the input has to change before a rerun
     can succeed, so keeping half-written parts would only hide the error.
     """
+
+
+class StageInterrupted(Exception):
+    """A failure outside the input (a server that stopped answering, a lost worker).
+
+    The stage keeps its finished parts and marks itself failed; rerunning the same command once the
+    cause is gone continues where it stopped. The CLI prints the message and exits 3.
+    """

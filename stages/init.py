@@ -15,7 +15,7 @@ from sipt import artifacts, corpus
 from sipt.config import Config
 from sipt.errors import SiptError
 
-SECTIONS = ["run", "model"]
+SECTIONS = ["run.seed", "model"]
 # A new tokenizer depends on which documents are read, not on how they are later cut.
 CORPUS_KEYS = ["data.inputs", "data.format", "data.text_column", "data.text_unit", "data.encoding_errors",
                "data.dataset_config", "data.dataset_split", "data.on_bad_text"]

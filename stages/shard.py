@@ -37,7 +37,7 @@ SCHEMA = pa.schema(
     ]
 )
 
-SECTIONS = ["run", "data"]
+SECTIONS = ["run.seed", "data"]
 
 
 def _ids_array(seqs: list[list[int]]) -> pa.Array:

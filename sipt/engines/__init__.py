@@ -59,3 +59,17 @@ def make_engine(cfg: EngineConfig, model: str | None = None):
 
         return OpenAIEngine(model, cfg)
     raise SiptError(f"engine '{cfg.engine}' cannot generate from a policy; use one of hf, vllm, openai")
+
+
+def encode_prompts(tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of text prompts; with `chat`, wrapped as one user turn in the model's chat template."""
+    if not chat:
+        return [tokenizer(t).input_ids for t in texts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise SiptError("chat = true, but the model's tokenizer has no chat template; set chat = false")
+    out = []
+    for t in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                            tokenize=True)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out

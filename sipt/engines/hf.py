@@ -97,6 +97,11 @@ class HFEngine:
                 out[i][j] = res
         return out  # type: ignore[return-value]
 
+    def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
+        from sipt.engines import encode_prompts
+
+        return self.generate(encode_prompts(self.tokenizer, prompts, chat), s)
+
     def _generate_batch(self, prompts: list[list[int]], s: Sampling, gen) -> list[Generation]:
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)

@@ -1,0 +1,154 @@
+"""openai engine: any OpenAI-compatible HTTP server (vLLM, SGLang, TGI, llama.cpp).
+
+Requests run in a bounded thread pool (`concurrency`), each with a timeout, and are retried with
+exponential backoff and jitter on 429, 5xx and connection errors. The API key is read from the
+environment variable named by `api_key_env` and never appears in logs, manifests or errors.
+Token-id prompts go to /v1/completions; with vLLM servers the continuation's exact token ids come
+back (`return_tokens_as_token_ids`), otherwise the text is tokenized locally (recorded per row).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sipt.config import EngineConfig
+from sipt.engines import Generation, Sampling
+from sipt.errors import SiptError, StageInterrupted
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class ServerError(StageInterrupted):
+    """The server could not be reached or kept failing after every retry."""
+
+
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(self, model: str, cfg: EngineConfig, tokenizer_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.base = cfg.base_url.rstrip("/")
+        if not self.base.startswith(("http://", "https://")):
+            raise SiptError(f"base_url = {cfg.base_url!r}: expected http(s)://host:port/v1")
+        self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self.tokenizer = None
+        local = tokenizer_dir or (model if model and Path(model, "config.json").exists() else None)
+        if local:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(local)
+        self.model = model if not local else self._served_name(str(local))
+
+    def __enter__(self) -> "OpenAIEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def _served_name(self, local: str) -> str:
+        """The server's name for a local model folder: the one it serves, if it serves just one."""
+        try:
+            models = self._request("GET", "/models", None)["data"]
+        except ServerError:
+            return local
+        ids = [m["id"] for m in models]
+        if local in ids or len(ids) != 1:
+            return local
+        return ids[0]
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None) -> dict:
+        url = self.base + path
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.cfg.max_retries + 1):
+            req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace")
+                if e.code not in RETRY_STATUS:
+                    raise ServerError(f"{url}: HTTP {e.code}: {detail}") from None
+                last = f"HTTP {e.code}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            if attempt < self.cfg.max_retries:
+                time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+        raise ServerError(f"{url}: no answer after {self.cfg.max_retries + 1} tries ({last})")
+
+    # -- generation ------------------------------------------------------------------------
+    def _complete(self, prompt, s: Sampling, seed: int) -> list[Generation]:
+        body = {
+            "model": self.model, "prompt": prompt, "n": s.n, "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature, "top_p": s.top_p, "seed": seed, "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+        }
+        if s.top_k:
+            body["top_k"] = s.top_k
+        if not s.stop_at_eos:
+            body["ignore_eos"] = True
+        resp = self._request("POST", "/completions", body)
+        gens = []
+        for choice in sorted(resp["choices"], key=lambda c: c.get("index", 0)):
+            gens.append(self._generation(choice))
+        return gens
+
+    def _generation(self, choice: dict) -> Generation:
+        text = choice.get("text", "")
+        lp = choice.get("logprobs") or {}
+        tokens = lp.get("tokens") or []
+        if tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+            ids = [int(t.split(":", 1)[1]) for t in tokens]
+        elif self.tokenizer is not None:
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = []
+        logprob = float(sum(x for x in (lp.get("token_logprobs") or []) if x is not None))
+        reason = "stop" if choice.get("finish_reason") == "stop" else "length"
+        if reason == "stop" and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            if not ids or ids[-1] != self.tokenizer.eos_token_id:
+                ids = [*ids, self.tokenizer.eos_token_id]
+        return Generation(ids, text, logprob, reason)
+
+    def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
+        """`s.n` continuations of each token-id prompt; request k is seeded with seed + k."""
+        return self._map([(p, k) for k, p in enumerate(prompts)], s, self._complete)
+
+    def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
+        fn = self._chat if chat else self._complete
+        return self._map([(p, k) for k, p in enumerate(prompts)], s, fn)
+
+    def _chat(self, prompt: str, s: Sampling, seed: int) -> list[Generation]:
+        body = {
+            "model": self.model, "messages": [{"role": "user", "content": prompt}], "n": s.n,
+            "max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": seed,
+        }
+        resp = self._request("POST", "/chat/completions", body)
+        gens = []
+        for choice in sorted(resp["choices"], key=lambda c: c.get("index", 0)):
+            text = (choice.get("message") or {}).get("content") or ""
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids if self.tokenizer else []
+            gens.append(Generation(ids, text, 0.0, "stop" if choice.get("finish_reason") == "stop" else "length"))
+        return gens
+
+    def _map(self, items, s: Sampling, fn) -> list[list[Generation]]:
+        def one(item):
+            prompt, k = item
+            return fn(prompt, s, (s.seed + k) % (2**31))
+
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
+            return list(pool.map(one, items))

