@@ -157,6 +157,7 @@ class EngineConfig:
     batch_size: int = knob(64, "hf: sequences per forward batch (prompts × n).", results=False)
     max_model_len: int = knob(0, "vllm: context length to reserve (0: the model's).", results=False)
     gpu_memory_utilization: float = knob(0.85, "vllm on GPU: fraction of GPU memory to use.", results=False)
+    kv_cache_mb: int = knob(0, "vllm: KV cache size in MiB (0: 256 on CPU, vLLM's choice on GPU).", results=False)
     base_url: str = knob("http://127.0.0.1:8000/v1", "openai: server address up to /v1.")
     api_key_env: str = knob(
         "OPENAI_API_KEY", "openai: name of the environment variable holding the API key (never logged).",

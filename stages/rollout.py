@@ -6,6 +6,7 @@ by (run.seed, iteration, part), so a killed stage resumes and produces the same 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,7 +72,9 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         rows = samples.to_pylist()
         parts = [rows[k : k + r.prompts_per_part] for k in range(0, len(rows), r.prompts_per_part)]
         todo = [k for k in range(len(parts)) if not stage.has_part(k)]
+        t_load = time.perf_counter()
         engine = make_engine(r, r.model or str(policy)) if todo else None
+        t_load = time.perf_counter() - t_load
         try:
             with progress_bar(f"rollout iter {iteration}", total=len(rows) * r.n, unit="rollouts",
                               enabled=show_progress) as bar:
@@ -94,7 +97,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
             if engine is not None:
                 engine.close()
         stats = {k: int(v) if float(v).is_integer() else v for k, v in stage.collected_stats().items()}
-        stats.update(epoch=epoch, engine=r.engine)
+        stats.update(epoch=epoch, engine=r.engine, engine_load_s=round(t_load, 3))
         if stats.get("tokens"):
             stats["mean_tokens"] = round(stats["tokens"] / max(1, stats["rollouts"]), 2)
         return stage.commit(stats, errors=stats.get("errors", 0))

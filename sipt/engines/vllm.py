@@ -29,16 +29,22 @@ class VLLMEngine:
             ) from None
         if not model_dir or not Path(model_dir, "config.json").exists():
             raise SiptError(f"{model_dir or '(empty)'}: not a Hugging Face model folder (no config.json)")
-        kwargs = dict(model=str(model_dir), seed=0, dtype=cfg.dtype if cfg.dtype != "auto" else "auto")
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(model=str(model_dir), seed=0, dtype=cfg.dtype if cfg.dtype != "auto" else
+                      ("auto" if on_gpu else "float32"))
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        except ImportError:
-            pass
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # The CPU wheel: a small explicit KV cache, and eager mode (torch.compile start-up costs
+            # minutes on small CPUs and buys little for small models).
+            kwargs["kv_cache_memory_bytes"] = (cfg.kv_cache_mb or 256) << 20
+            kwargs["enforce_eager"] = True
+        if cfg.kv_cache_mb and on_gpu:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb << 20
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
@@ -52,13 +58,9 @@ class VLLMEngine:
     def close(self) -> None:
         if getattr(self, "llm", None) is None:
             return
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if callable(shutdown):
-            try:
-                shutdown()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()  # stops the engine-core and worker processes now, not at GC
         self.llm = None
         gc.collect()
 

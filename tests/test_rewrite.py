@@ -1,0 +1,58 @@
+import pyarrow as pa
+import pytest
+
+from sipt import artifacts, config as config_mod
+from sipt.errors import SiptError
+from stages import rewrite, shard
+
+
+def test_prefix_ending_is_the_exact_last_words():
+    text = "One two  three\nfour five six"
+    assert rewrite.prefix_ending(text, 5) == "two  three\nfour five six"
+    assert text.endswith(rewrite.prefix_ending(text, 2))
+    assert rewrite.prefix_ending("just", 5) == "just"
+    assert rewrite.prefix_ending("   ", 5) == ""
+
+
+def test_clean_answer_strips_repeated_ending_and_tags():
+    assert rewrite.clean_answer(" four five six was built.<Rewritten continuation end>\n", "four five six") == " was built."
+    assert rewrite.clean_answer("<Continuation X start> in 1990.<Continuation X end>", "six") == " in 1990."
+    assert rewrite.clean_answer(" in 1990.", "four five six") == " in 1990."
+
+
+def test_template_puts_the_continuation_before_the_context():
+    t = rewrite.load_template("rewrite")
+    prompt = t.format(prefix_ending="five words", suffix=" SUFFIX", prefix="PREFIX five words", suffix_tokens=32)
+    assert prompt.index("<Continuation X start>five words SUFFIX") < prompt.index("<Context C start>PREFIX")
+    assert prompt.rstrip().endswith("<Rewritten continuation start>five words")
+    with pytest.raises(SiptError, match="no such template"):
+        rewrite.load_template("nope")
+
+
+@pytest.mark.slow
+def test_rewrite_with_smollm2_on_the_real_prompt(run_with_policy, corpus_dir, smollm2):
+    run = run_with_policy
+    cfg = config_mod.resolve(run, overrides={
+        "data.inputs": [str(corpus_dir)], "data.suffix_tokens": 16, "run.prompts_per_iter": 2,
+        "rewrite.engine": "hf", "rewrite.model": str(smollm2), "rewrite.max_new_tokens": 24,
+    }, force=True)
+    shard.run(run, cfg, show_progress=False)
+    m = rewrite.run(run, cfg, 0, show_progress=False)
+    t = artifacts.read_table(run / "iter-000" / "rewrite")
+    assert t.schema.equals(rewrite.SCHEMA, check_metadata=False)
+    assert m["rows"] == t.num_rows == 2
+    for row in t.to_pylist():
+        assert row["response"]  # the model answered
+        assert len(row["rewrite_ids"]) <= 16
+        assert bool(row["error"]) == (row["rewrite_text"].strip() == "")
+    assert rewrite.run(run, cfg, 0, show_progress=False) == m
+
+
+def test_rewrite_needs_a_model_or_the_world(run_with_policy, corpus_dir):
+    run = run_with_policy
+    cfg = config_mod.resolve(run, overrides={"data.inputs": [str(corpus_dir)], "rewrite.engine": "hf"}, force=True)
+    with pytest.raises(SiptError, match="rewrite.model is empty"):
+        rewrite.run(run, cfg, 0, show_progress=False)
+    cfg = config_mod.resolve(run, overrides={"rewrite.engine": "oracle"}, force=True)
+    with pytest.raises(SiptError, match="kb.json: the oracle rewriter needs the toy world"):
+        rewrite.run(run, cfg, 0, show_progress=False)
