@@ -162,12 +162,24 @@ def models_smollm2(
 @app.command()
 def world(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the knowledge base, corpus and MC task.")],
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Generator seed (world.seed).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
     """Generate the toy world: knowledge base, corpus with known false/unsafe sentences, MC task."""
-    _not_yet("world", 3)
+    import dataclasses
+
+    from sipt import world as world_mod
+
+    base = config_mod.load_toml(config) if config else {}
+    cfg = config_mod.build(config_mod.apply_overrides(base, [*(set_ or []), *([f"world.seed={seed}"] if seed is not None else [])])).world
+    done = out_dir / "stats.json"
+    if done.exists() and json.loads(done.read_text()).get("config") == dataclasses.asdict(cfg):
+        stats = json.loads(done.read_text())
+        out.print(f"[green]world[/] {out_dir} already holds this world (same config); skipped")
+    else:
+        stats = world_mod.generate_world(cfg, out_dir)
+    out.print(world_mod.world_stats_table(stats))
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from sipt.errors import SiptError
+from sipt.world import WorldConfig
 
 
 def knob(default: Any, help: str, *, results: bool = True, choices: tuple | None = None):
@@ -204,6 +205,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "rollout": RolloutConfig,
     "rewrite": RewriteConfig,
+    "world": WorldConfig,
 }
 
 

@@ -56,3 +56,37 @@ def test_rewrite_needs_a_model_or_the_world(run_with_policy, corpus_dir):
     cfg = config_mod.resolve(run, overrides={"rewrite.engine": "oracle"}, force=True)
     with pytest.raises(SiptError, match="kb.json: the oracle rewriter needs the toy world"):
         rewrite.run(run, cfg, 0, show_progress=False)
+
+
+def test_oracle_rewrite_stage_copies_clean_and_fixes_false_suffixes(tmp_path):
+    import json
+
+    from sipt.oracle import OracleJudge
+    from sipt.world import WorldConfig, generate_world
+    from stages import init
+
+    world = tmp_path / "world"
+    generate_world(WorldConfig(n_docs=300, mc_questions=20), world)
+    run = tmp_path / "run"
+    cfg = config_mod.resolve(run, overrides={
+        "data.inputs": [str(world / "corpus")], "data.id_column": "doc_id", "data.meta_columns": ["kind"],
+        "data.split_column": "split", "data.suffix_tokens": 24, "data.min_prefix_tokens": 8,
+        "model.vocab_size": 512, "run.prompts_per_iter": 120, "rewrite.world": str(world),
+    })
+    init.run(run, cfg)
+    shard.run(run, cfg, show_progress=False)
+    m = rewrite.run(run, cfg, 0, show_progress=False)
+    rows = artifacts.read_table(run / "iter-000" / "rewrite").to_pylist()
+    samples = {r["sample_id"]: r for r in artifacts.read_table(run / "samples").to_pylist()}
+    judge = OracleJudge(world / "kb.json")
+    kinds = {"clean": [], "false": []}
+    for r in rows:
+        s = samples[r["sample_id"]]
+        kind = json.loads(s["meta"])["kind"]
+        if kind in kinds:
+            kinds[kind].append((r, s))
+    assert all(r["copied"] for r, _ in kinds["clean"])
+    fixed = [judge.factuality(s["prefix_text"], r["rewrite_text"]).score for r, s in kinds["false"]
+             if judge.factuality(s["prefix_text"], s["suffix_text"]).score == 0]
+    assert fixed and sum(x == 1 for x in fixed) / len(fixed) > 0.8
+    assert 0 < m["stats"]["copied_rate"] < 1
