@@ -230,29 +230,32 @@ class Stage:
         return False
 
     # -- parts ------------------------------------------------------------------------------
-    def part_path(self, index: int) -> Path:
-        return self.tmp / part_name(index)
+    # A stage may write several families of parts (judge: `judgments-*` and `scores-*`); the
+    # default family is `part`.
+    def part_path(self, index: int, family: str = "part") -> Path:
+        return self.tmp / f"{family}-{index:05d}.parquet"
 
-    def has_part(self, index: int) -> bool:
-        return self.part_path(index).exists()
+    def has_part(self, index: int, family: str = "part") -> bool:
+        return self.part_path(index, family).exists()
 
-    def write_part(self, index: int, table: pa.Table, stats: dict | None = None) -> None:
-        write_parquet_atomic(self.part_path(index), table, stats)
+    def write_part(self, index: int, table: pa.Table, stats: dict | None = None, family: str = "part") -> None:
+        write_parquet_atomic(self.part_path(index, family), table, stats)
 
-    def collected_stats(self) -> dict:
+    def collected_stats(self, family: str = "part") -> dict:
         """Sum of the numeric per-part stats stored in the parts' metadata."""
         total: dict[str, float] = {}
-        for p in list_parts(self.tmp):
+        for p in list_parts(self.tmp, f"{family}-"):
             for k, v in part_stats(p).items():
                 if isinstance(v, (int, float)):
                     total[k] = total.get(k, 0) + v
         return total
 
     # -- completion -------------------------------------------------------------------------
-    def commit(self, stats: dict | None = None, rows: int | None = None, errors: int = 0) -> dict:
+    def commit(self, stats: dict | None = None, rows: int | None = None, errors: int = 0,
+               family: str = "part") -> dict:
         """Rename the temporary folder into place and write `_SUCCESS.json` last."""
         (self.tmp / PARTIAL).unlink(missing_ok=True)
-        parts = list_parts(self.tmp)
+        parts = list_parts(self.tmp, f"{family}-")
         if rows is None:
             rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
         manifest = {

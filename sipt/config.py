@@ -198,6 +198,48 @@ class RewriteConfig(EngineConfig):
     world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
 
 
+@dataclass
+class TrainConfig:
+    """[train] How `sipt train` turns an iteration's pairs (or samples) into the next policy."""
+
+    objective: str = knob(
+        "dpo", "dpo (online DPO on chosen/rejected), rf-nll (NLL on the chosen continuation) or ntp "
+        "(next-token prediction on the samples' documents: the paper's pretrain baseline).",
+        choices=("dpo", "rf-nll", "ntp"),
+    )
+    beta: float = knob(0.1, "DPO temperature beta of the sigmoid loss.")
+    ntp_weight: float = knob(0.0, "Weight of an NTP loss on the samples' suffixes mixed into dpo / rf-nll.")
+    reference: str = knob(
+        "iteration", "DPO reference model: the policy the iteration starts from, or the initial policy.",
+        choices=("iteration", "initial"),
+    )
+    lr: float = knob(5e-6, "Peak learning rate (paper: 5e-6 continual pretraining).")
+    min_lr_ratio: float = knob(0.1, "Cosine decay ends at lr x this (paper: 0.1).")
+    warmup_steps: int = knob(100, "Linear warmup steps at the start of the run (not of each iteration).")
+    total_steps: int = knob(
+        0, "Optimizer steps the cosine schedule spans over the whole run. 0: run.iterations x the "
+        "steps of one iteration.",
+    )
+    batch_size: int = knob(256, "Pairs (or sequences) per optimizer step (paper: 256).")
+    micro_batch_size: int = knob(16, "Pairs per forward pass; batch_size / micro_batch_size accumulation steps.",
+                                 results=False)
+    epochs: int = knob(1, "Passes over an iteration's pairs.")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    adam_beta1: float = knob(0.9, "AdamW beta1.")
+    adam_beta2: float = knob(0.95, "AdamW beta2.")
+    max_grad_norm: float = knob(1.0, "Gradient clipping norm (0: off).")
+    precision: str = knob("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.",
+                          choices=("auto", "fp32", "bf16"))
+    compile: bool = knob(False, "torch.compile the model.", results=False)
+    device: str = knob("auto", "auto, cpu or cuda (under torchrun: the local rank's GPU).", results=False)
+    fsdp: bool = knob(False, "Shard the model with FSDP under torchrun (models that do not fit one GPU).",
+                      results=False)
+    checkpoint_every: int = knob(50, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
+                                 results=False)
+    log_every: int = knob(1, "Log loss, reward margin and accuracy, lr and tokens/s every N steps.", results=False)
+    tensorboard: bool = knob(False, "Also write TensorBoard events to train/tb/.", results=False)
+
+
 # Section name -> dataclass. Later stages register their sections here.
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -205,6 +247,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "rollout": RolloutConfig,
     "rewrite": RewriteConfig,
+    "train": TrainConfig,
     "world": WorldConfig,
 }
 
