@@ -142,6 +142,44 @@ def rewrite(
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rewrite iter {iteration}")
 
 
+@app.command()
+def judge(
+    run: RunOpt,
+    iteration: IterOpt = 0,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="oracle, hf, vllm or openai (judge.engine).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Judge model folder or served name (judge.model).")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="all-pairs, pivot or knockout (judge.scheme).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="generate or logprob (judge.mode).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Judge the suffix, rewrite and rollouts of each prefix (paper §6): judge/judgments-*, judge/scores-*."""
+    from stages import judge as stage
+
+    flags = {"judge.engine": engine, "judge.model": model, "judge.scheme": scheme, "judge.mode": mode}
+    cfg = _resolve(run, config, set_, flags, force)
+    _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"judge iter {iteration}")
+
+
+@app.command()
+def pair(
+    run: RunOpt,
+    iteration: IterOpt = 0,
+    method: Annotated[Optional[str], typer.Option(help="dpo or rf-nll (pair.method).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Build DPO (best vs worst) or RF-NLL (best) pairs from the judge's scores: pair/."""
+    from stages import pair as stage
+
+    cfg = _resolve(run, config, set_, {"pair.method": method}, force)
+    _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"pair iter {iteration}")
+
+
 models_app = typer.Typer(help="Models that ship inside Python packages, exported as Hugging Face folders.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -157,6 +195,27 @@ def models_smollm2(
 
     path = models.export("smollm2", out_dir, force=force)
     out.print(f"[green]models[/] SmolLM2-135M-Instruct written to {path}")
+
+
+@app.command()
+def train(
+    run: RunOpt,
+    iteration: IterOpt = 0,
+    objective: Annotated[Optional[str], typer.Option(help="dpo, rf-nll or ntp (train.objective).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="train.lr")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="train.beta")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Update the policy with online DPO, RF-NLL or NTP: iter-(i+1)/policy. Works under torchrun."""
+    from stages import train as stage
+
+    cfg = _resolve(run, config, set_, {"train.objective": objective, "train.lr": lr, "train.beta": beta}, force)
+    manifest = stage.run(run, cfg, iteration, force=force, show_progress=progress)
+    if manifest is not None:  # None on the other ranks of torchrun
+        _report(manifest, f"train iter {iteration}")
 
 
 @app.command()
@@ -243,9 +302,6 @@ def _not_yet(name: str, issue: int) -> None:
 
 
 _PLANNED = {
-    "judge": (5, "Judge candidates for quality, safety, factuality: judge/."),
-    "pair": (5, "Build DPO / RF-NLL pairs from the judgments: pair/."),
-    "train": (6, "Update the policy with online DPO, RF-NLL or NTP: iter-(i+1)/policy."),
     "eval": (7, "Win rates, safety, factuality and benchmarks of a policy: eval/."),
     "report": (7, "Write report.md with tables and charts for a run."),
     "loop": (7, "Run every stage of every iteration in order, skipping what is done."),

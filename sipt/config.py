@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,80 @@ class RewriteConfig(EngineConfig):
     world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
 
 
+OBJECTIVES = ("quality", "safety", "factuality", "coherence")
+CANDIDATES = ("suffix", "rewrite", "rollouts")
+
+
+@dataclass
+class JudgeConfig(EngineConfig):
+    """[judge] The judge (paper §6): objectives, candidates, comparison scheme, verdict mode, engine."""
+
+    engine: str = knob("oracle", "oracle (toy world), hf, vllm or openai.", choices=ENGINES)
+    objectives: list = knob(
+        ["quality"],
+        "What is judged: quality (pairwise, `Conclusion: Option 1|2`), safety (pointwise, "
+        "`FINAL DECISION: YES|NO`, YES = safe = 1), factuality (pointwise, the original suffix as "
+        "reference, JSON label -> 1 / 0.5 / 0), coherence (pairwise A/B/TIE; for evaluation). Paper: "
+        "quality + safety, or quality + factuality.",
+    )
+    weights: dict = knob(
+        {}, "Reward = sum of weight x score over the objectives; a missing objective weighs 1 (paper: "
+        "a plain sum). E.g. {quality = 1.0, safety = 2.0}.",
+    )
+    candidates: list = knob(
+        ["suffix", "rollouts"],
+        "What competes for each prefix: any of suffix (the original text), rewrite (the rewrite stage's "
+        "output) and rollouts (the policy's). Paper main run: suffix + 16 rollouts.",
+    )
+    scheme: str = knob(
+        "all-pairs",
+        "How pairwise objectives compare n candidates: all-pairs (the paper, C(n,2) comparisons), "
+        "pivot (each candidate against the original suffix, n) or knockout (a min-max tournament that "
+        "finds the best and the worst in about 1.5n).",
+        choices=("all-pairs", "pivot", "knockout"),
+    )
+    swap: bool = knob(False, "Judge every comparison in both orders (cancels position bias; twice the calls).")
+    repeats: int = knob(
+        1, "Judge every comparison and pointwise item this many times (seeded samples at temperature "
+        "and top_p) and average (paper safety judge: 5). Ignored in logprob mode (deterministic).",
+    )
+    mode: str = knob(
+        "generate",
+        "generate: the judge reasons, then the parser reads the last verdict marker. logprob: one "
+        "forward pass on the prompt plus the verdict's opening words; the soft score comes from the "
+        "verdict tokens' probabilities (far cheaper, no reasoning).",
+        choices=("generate", "logprob"),
+    )
+    templates: dict = knob(
+        {}, "Prompt template per objective: a name in data/prompts/ or a path to a .txt file. Missing: "
+        "data/prompts/<objective>.txt. E.g. {quality = \"my/quality.txt\"}.",
+    )
+    chat: bool = knob(True, "Wrap prompts in the model's chat template (instruct judges).")
+    temperature: float = knob(1.0, "Judge sampling temperature in generate mode (paper: 1.0).")
+    top_p: float = knob(1.0, "Judge nucleus sampling (paper: 1.0; its fine-tuned safety judge: 0.6).")
+    max_new_tokens: int = knob(512, "generate mode: most tokens of reasoning plus verdict (paper: 512).")
+    parse_retries: int = knob(
+        2, "A response without a readable verdict is asked again this many times (new seed), then "
+        "recorded as invalid and left out of the scores.",
+    )
+    noise: float = knob(0.0, "oracle: share of verdicts flipped at random (seeded), to imitate a fallible judge.")
+    world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
+
+
+@dataclass
+class PairConfig:
+    """[pair] How `sipt pair` turns an iteration's scores into training pairs (paper §7)."""
+
+    method: str = knob(
+        "dpo", "dpo: chosen = highest reward, rejected = lowest (online DPO). rf-nll: the highest only "
+        "(reward-filtered NLL).", choices=("dpo", "rf-nll"),
+    )
+    min_margin: float = knob(
+        0.0, "A prefix whose best and worst rewards differ by at most this is a tie and gives no pair "
+        "(0: only exact ties, e.g. all candidates equal).",
+    )
+
+
 @dataclass
 class TrainConfig:
     """[train] How `sipt train` turns an iteration's pairs (or samples) into the next policy."""
@@ -247,6 +322,8 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "rollout": RolloutConfig,
     "rewrite": RewriteConfig,
+    "judge": JudgeConfig,
+    "pair": PairConfig,
     "train": TrainConfig,
     "world": WorldConfig,
 }
@@ -476,7 +553,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # torchrun ranks resolve concurrently
     tmp.write_text(text)
     tmp.replace(path)
 

