@@ -211,6 +211,7 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
 
     # DPO reference log-probabilities: computed once per pair and stored with the stage.
     ref_path = tmp / "ref_logps.parquet"
+    t_ref = time.perf_counter()
     if t.objective == "dpo":
         if dist.main and not ref_path.exists():
             ref_dir = artifacts.stage_dir(run_dir, "policy", 0) if t.reference == "initial" else policy_dir
@@ -230,6 +231,7 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
         for ex, r in zip(examples, ref):
             ex["ref_chosen"], ex["ref_rejected"] = r["ref_chosen"], r["ref_rejected"]
 
+    t_ref = time.perf_counter() - t_ref
     if t.compile:
         model = torch.compile(model)
     train_model = model
@@ -327,6 +329,7 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
             if dist.main and t.checkpoint_every and step % t.checkpoint_every == 0 and step < n_steps:
                 _save_checkpoint(ckpt, model, opt, sched, global_step, step)
             bar.advance(1)
+    loop_seconds = time.perf_counter() - t_start
     if log is not None:
         log.close()
     if tb is not None:
@@ -347,6 +350,7 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
     elapsed = time.perf_counter() - t_start
     stats = {"objective": t.objective, "examples": len(examples), "steps": step, "global_step": global_step,
              "final_loss": last.get("loss"), "lr": last.get("lr"), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+             "ref_seconds": round(t_ref, 3), "loop_seconds": round(loop_seconds, 3),
              "processes": dist.world, "sharding": ("fsdp" if t.fsdp else "ddp") if dist.world > 1 else "none"}
     if t.objective == "dpo":
         stats.update(final_margin=last.get("margin"), final_accuracy=last.get("acc"))

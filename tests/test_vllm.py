@@ -163,3 +163,27 @@ def _wait_for_parts(folder, n, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline and len(list(folder.glob("part-*.parquet"))) < n:
         time.sleep(0.05)
+
+
+def test_vllm_loads_a_policy_written_by_sipt_train(sharded):
+    """The train stage's output is a checkpoint vLLM serves as it is (rebuilt each iteration)."""
+    import pyarrow as pa
+
+    from sipt.engines.vllm import VLLMEngine
+    from stages import train
+
+    run = sharded
+    samples = artifacts.read_table(run / "samples").to_pylist()[:8]
+    rows = [{"sample_id": s["sample_id"], "prefix_ids": s["prefix_ids"], "prefix_start": s["prefix_start"],
+             "chosen_ids": s["suffix_ids"], "rejected_ids": []} for s in samples]
+    stage = artifacts.Stage(run_dir=run, name="pair", out=run / "iter-000" / "pair", config_hash="t",
+                            config_sections=[], inputs={}, iteration=0)
+    with stage:
+        stage.write_part(0, pa.Table.from_pylist(rows))
+        stage.commit()
+    cfg = config_mod.resolve(run, overrides={"train.objective": "rf-nll", "train.batch_size": 4,
+                                             "train.micro_batch_size": 4, "train.lr": 1e-3}, force=True)
+    train.run(run, cfg, 0, show_progress=False)
+    with VLLMEngine(run / "iter-001" / "policy", EngineConfig(engine="vllm", max_model_len=1024)) as e:
+        out = e.generate([samples[0]["prefix_ids"]], Sampling(n=2, max_new_tokens=8, seed=0))
+    assert len(out[0]) == 2 and all(g.token_ids for g in out[0])
