@@ -56,7 +56,8 @@ def prepare(work: Path) -> Path:
         s = samples[r["sample_id"]]
         rows.append({"sample_id": s["sample_id"], "prompt": s["prefix_text"], "chosen": s["suffix_text"],
                      "rejected": r["text"], "prefix_ids": s["prefix_ids"], "prefix_start": s["prefix_start"],
-                     "chosen_ids": s["suffix_ids"], "rejected_ids": r["token_ids"]})
+                     "chosen_ids": s["suffix_ids"], "rejected_ids": r["token_ids"], "chosen_source": "suffix",
+                     "rejected_source": "rollout", "chosen_rollout_idx": -1, "rejected_rollout_idx": r["rollout_idx"]})
     stage = artifacts.Stage(run_dir=run, name="pair", out=run / "iter-000" / "pair", config_hash="bench",
                             config_sections=[], inputs={}, iteration=0)
     with stage:
@@ -124,7 +125,8 @@ def worker(kind: str, run: Path) -> dict:
     t0 = time.perf_counter()
     for step in range(STEPS):
         batch = build_batch(rows[step * BATCH : (step + 1) * BATCH], "chosen_ids", None, tok.pad_token_id, 4096, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
         loss = nll_loss(logits, batch["input_ids"], batch["loss_mask"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

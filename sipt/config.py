@@ -288,6 +288,11 @@ class TrainConfig:
         "iteration", "DPO reference model: the policy the iteration starts from, or the initial policy.",
         choices=("iteration", "initial"),
     )
+    reuse_rollout_logprobs: bool = knob(
+        True, "With reference = iteration, take the reference log-probability of a rollout candidate from "
+        "the rollout stage (the same policy scored it while sampling) instead of a second forward pass. "
+        "Set false when rollouts were sampled in lower precision than training (e.g. vLLM in bf16).",
+    )
     lr: float = knob(5e-6, "Peak learning rate (paper: 5e-6 continual pretraining).")
     min_lr_ratio: float = knob(0.1, "Cosine decay ends at lr x this (paper: 0.1).")
     warmup_steps: int = knob(100, "Linear warmup steps at the start of the run (not of each iteration).")

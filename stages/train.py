@@ -85,11 +85,11 @@ def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
                  "chosen_ids": r["prefix_ids"] + r["suffix_ids"], "rejected_ids": []}
                 for r in table.to_pylist()]
     folder = artifacts.stage_dir(run_dir, "pair", iteration)
+    table = artifacts.read_table(folder)
     cols = ["sample_id", "prefix_ids", "prefix_start", "chosen_ids", "rejected_ids"]
-    if cfg.train.ntp_weight:
-        cols.append("suffix_ids")
-    table = artifacts.read_table(folder, columns=[c for c in cols if c != "suffix_ids"])
-    rows = table.to_pylist()
+    cols += [c for c in ("chosen_source", "rejected_source", "chosen_rollout_idx", "rejected_rollout_idx")
+             if c in table.column_names]
+    rows = table.select(cols).to_pylist()
     if cfg.train.ntp_weight:
         samples = artifacts.read_table(artifacts.stage_dir(run_dir, "samples"), columns=["sample_id", "suffix_ids"])
         suffix = dict(zip(samples["sample_id"].to_pylist(), samples["suffix_ids"].to_pylist()))
@@ -103,28 +103,48 @@ def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
     return rows
 
 
-def build_batch(examples: list[dict], key: str, bos: int | None, pad: int, context: int, device) -> dict:
-    """Right-padded prompt + continuation; the loss mask covers the continuation only."""
-    seqs, masks = [], []
-    for ex in examples:
+def build_batch(examples: list[dict], keys: str | list[str], bos: int | None, pad: int, context: int, device) -> dict:
+    """Left-padded prompt + continuation, so every continuation ends at the right edge.
+
+    The loss mask covers the continuation only; `keep` is how many positions from the right the
+    loss needs logits for, so the model can skip the vocabulary projection of the prompt
+    (`logits_to_keep`), which is most of the sequence. `keys` names the continuation of each
+    example (one key for all, or one per example: chosen and rejected in one batch).
+    """
+    keys = [keys] * len(examples) if isinstance(keys, str) else keys
+    seqs, conts = [], []
+    for ex, key in zip(examples, keys):
         cont = ex[key][:context]
         prompt, _ = policy_prompt(ex["prefix_ids"], ex["prefix_start"], bos, context - len(cont))
         seqs.append(prompt + cont)
-        masks.append([0] * len(prompt) + [1] * len(cont))
+        conts.append(len(cont))
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        loss_mask[i, : len(m)] = torch.tensor(m)
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+    for i, (seq, n) in enumerate(zip(seqs, conts)):
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        attn[i, width - len(seq) :] = 1
+        if n:
+            loss_mask[i, width - n :] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    keep = min(width, max(conts) + 1)
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": positions.to(device),
+            "loss_mask": loss_mask.to(device), "keep": keep}
+
+
+def forward_tail(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of the last `keep` positions, with the matching ids and loss mask."""
+    keep = batch["keep"]
+    width = batch["input_ids"].shape[1]
+    kwargs = {"logits_to_keep": keep} if keep < width else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], **kwargs).logits
+    return logits, batch["input_ids"][:, -keep:], batch["loss_mask"][:, -keep:]
 
 
 def forward_logps(model, batch: dict) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    return sequence_logps(*forward_tail(model, batch))
 
 
 # -- schedule ------------------------------------------------------------------------------------
@@ -215,17 +235,26 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
     if t.objective == "dpo":
         if dist.main and not ref_path.exists():
             ref_dir = artifacts.stage_dir(run_dir, "policy", 0) if t.reference == "initial" else policy_dir
-            ref_model = model if ref_dir == policy_dir else AutoModel.from_pretrained(ref_dir, dtype=torch.float32).to(dist.device)
-            ref_model.eval()
-            chosen, rejected = [], []
-            with torch.no_grad(), autocast():
-                for k in range(0, len(examples), micro):
-                    chunk = examples[k : k + micro]
-                    chosen += forward_logps(ref_model, build_batch(chunk, "chosen_ids", bos, pad, context, dist.device)).tolist()
-                    rejected += forward_logps(ref_model, build_batch(chunk, "rejected_ids", bos, pad, context, dist.device)).tolist()
-            del ref_model
+            known = _rollout_logprobs(run_dir, iteration) if (t.reference == "iteration" and t.reuse_rollout_logprobs) else {}
+            todo = [(i, side) for i, ex in enumerate(examples) for side in ("chosen", "rejected")
+                    if _known_ref(ex, side, known) is None]
+            ref = {(i, side): _known_ref(ex, side, known) for i, ex in enumerate(examples) for side in ("chosen", "rejected")}
+            if todo:
+                ref_model = model if ref_dir == policy_dir else AutoModel.from_pretrained(ref_dir, dtype=torch.float32).to(dist.device)
+                ref_model.eval()
+                with torch.no_grad(), autocast():
+                    for k in range(0, len(todo), micro):
+                        chunk = todo[k : k + micro]
+                        batch = build_batch([examples[i] for i, _ in chunk], [f"{side}_ids" for _, side in chunk],
+                                            bos, pad, context, dist.device)
+                        for key, value in zip(chunk, forward_logps(ref_model, batch).tolist()):
+                            ref[key] = value
+                del ref_model
             artifacts.write_parquet_atomic(ref_path, pa.table({
-                "sample_id": [ex["sample_id"] for ex in examples], "ref_chosen": chosen, "ref_rejected": rejected}))
+                "sample_id": [ex["sample_id"] for ex in examples],
+                "ref_chosen": [ref[(i, "chosen")] for i in range(len(examples))],
+                "ref_rejected": [ref[(i, "rejected")] for i in range(len(examples))],
+            }), {"computed": len(todo), "from_rollouts": 2 * len(examples) - len(todo)})
         dist.barrier()
         ref = pq.read_table(ref_path).to_pylist()
         for ex, r in zip(examples, ref):
@@ -358,27 +387,46 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
 
 
 def _loss(model, chunk, t, bos, pad, context, device) -> tuple[torch.Tensor, dict]:
-    if t.objective == "dpo":
-        both = build_batch(chunk, "chosen_ids", bos, pad, context, device)
-        rej = build_batch(chunk, "rejected_ids", bos, pad, context, device)
-        pc, pr = forward_logps(model, both), forward_logps(model, rej)
+    if t.objective == "dpo":  # chosen and rejected in one forward pass
+        batch = build_batch(chunk + chunk, ["chosen_ids"] * len(chunk) + ["rejected_ids"] * len(chunk),
+                            bos, pad, context, device)
+        logps = forward_logps(model, batch)
+        pc, pr = logps[: len(chunk)], logps[len(chunk) :]
         rc = torch.tensor([ex["ref_chosen"] for ex in chunk], device=device)
         rr = torch.tensor([ex["ref_rejected"] for ex in chunk], device=device)
         loss, cr, rjr = dpo_loss(pc, pr, rc, rr, t.beta)
         stats = {"loss": float(loss.detach()), "margin": float((cr - rjr).mean()), "acc": float((cr > rjr).float().mean()),
                  "chosen": float(cr.mean()), "rejected": float(rjr.mean())}
-    else:  # rf-nll and ntp: NLL of the chosen continuation (for ntp: the whole document)
+    else:  # rf-nll: NLL of the chosen continuation; ntp: of the whole document
         batch = build_batch(chunk, "chosen_ids", bos, pad, context, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = nll_loss(logits, batch["input_ids"], batch["loss_mask"])
+        loss = nll_loss(*forward_tail(model, batch))
         stats = {"loss": float(loss.detach())}
     if t.ntp_weight and t.objective != "ntp":
         batch = build_batch(chunk, "suffix_ids", bos, pad, context, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        extra = nll_loss(logits, batch["input_ids"], batch["loss_mask"])
-        loss = loss + t.ntp_weight * extra
+        loss = loss + t.ntp_weight * nll_loss(*forward_tail(model, batch))
         stats["loss"] = float(loss.detach())
     return loss, stats
+
+
+def _rollout_logprobs(run_dir: Path, iteration: int) -> dict:
+    """(sample_id, rollout_idx) -> the log-probability the iteration's policy gave its own rollout.
+
+    That policy is DPO's default reference, so these are exactly the reference log-probabilities of
+    rollout candidates: reusing them saves a forward pass over most pairs. Rollouts whose prompt was
+    truncated are left out (training would see a different context).
+    """
+    folder = artifacts.stage_dir(run_dir, "rollout", iteration)
+    if not (folder / artifacts.SUCCESS).exists():
+        return {}
+    t = artifacts.read_table(folder, columns=["sample_id", "rollout_idx", "logprob", "prompt_truncated", "error"])
+    return {(r["sample_id"], r["rollout_idx"]): r["logprob"] for r in t.to_pylist()
+            if not r["prompt_truncated"] and not r["error"]}
+
+
+def _known_ref(ex: dict, side: str, known: dict) -> float | None:
+    if ex.get(f"{side}_source") != "rollout":
+        return None
+    return known.get((ex["sample_id"], ex.get(f"{side}_rollout_idx", -1)))
 
 
 def _save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int) -> None:

@@ -16,7 +16,7 @@ def test_help_lists_every_stage():
 
 
 def test_unimplemented_stage_says_so():
-    result = runner.invoke(app, ["train", "--run", "x"])
+    result = runner.invoke(app, ["eval", "--run", "x"])
     assert result.exit_code == 2
     assert "not implemented yet" in result.output
 

@@ -22,6 +22,7 @@ PAIR_SCHEMA = pa.schema([
     ("prefix_ids", pa.list_(pa.int32())), ("prefix_start", pa.int32()),
     ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
     ("chosen_source", pa.string()), ("rejected_source", pa.string()),
+    ("chosen_rollout_idx", pa.int32()), ("rejected_rollout_idx", pa.int32()),
 ])
 
 
@@ -35,7 +36,7 @@ def write_pairs(run, iteration, cfg, rows=None):
                  "rejected": rolls[s["sample_id"]]["text"], "prefix_ids": s["prefix_ids"],
                  "prefix_start": s["prefix_start"], "chosen_ids": s["suffix_ids"],
                  "rejected_ids": rolls[s["sample_id"]]["token_ids"], "chosen_source": "suffix",
-                 "rejected_source": "rollout"} for s in samples]
+                 "rejected_source": "rollout", "chosen_rollout_idx": -1, "rejected_rollout_idx": 0} for s in samples]
     stage = artifacts.Stage(run_dir=run, name="pair", out=artifacts.stage_dir(run, "pair", iteration),
                             config_hash="test", config_sections=[], inputs={}, iteration=iteration, force=True)
     with stage:
@@ -94,6 +95,21 @@ def test_dpo_learns_the_preference_and_writes_the_next_policy(paired):
     assert train.run(run, cfg, 0, show_progress=False) == m  # done: skipped
     rows = {(r["iteration"], r["stage"]): r["state"] for r in artifacts.run_status(run, cfg.hash)}
     assert rows[(0, "train")] == "done" and rows[(1, "policy")] == "done"
+
+
+def test_reference_logprobs_of_rollouts_are_reused_exactly(paired):
+    run, cfg = paired
+    train.run(run, cfg, 0, show_progress=False)
+    reused = artifacts.read_table(run / "iter-000" / "train", prefix="ref_logps")
+    meta = artifacts.part_stats(run / "iter-000" / "train" / "ref_logps.parquet")
+    assert meta == {"computed": 16, "from_rollouts": 16}
+    cfg = config_mod.resolve(run, overrides={"train.reuse_rollout_logprobs": False}, force=True)
+    train.run(run, cfg, 0, show_progress=False)
+    computed = artifacts.read_table(run / "iter-000" / "train", prefix="ref_logps")
+    assert artifacts.part_stats(run / "iter-000" / "train" / "ref_logps.parquet") == {"computed": 32, "from_rollouts": 0}
+    a, b = reused["ref_rejected"].to_pylist(), computed["ref_rejected"].to_pylist()
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-3
+    assert reused["ref_chosen"].to_pylist() == pytest.approx(computed["ref_chosen"].to_pylist(), abs=1e-4)
 
 
 def test_optimizer_and_schedule_continue_into_the_next_iteration(paired):
