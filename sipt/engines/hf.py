@@ -102,7 +102,25 @@ class HFEngine:
 
         return self.generate(encode_prompts(self.tokenizer, prompts, chat), s)
 
-    def _generate_batch(self, prompts: list[list[int]], s: Sampling, gen) -> list[Generation]:
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """Log-probabilities of `token_ids` as the next token after each prompt (one forward pass
+        per batch, only the last position's logits kept): the judge's logprob mode."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[list[float]] = [[] for _ in prompts]
+        wanted = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(order), bs):
+            batch = order[start : start + bs]
+            ids, mask, positions = self._left_pad([prompts[i] for i in batch])
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **keep).logits[:, -1, :]
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, wanted].cpu().tolist()
+            for i, row in zip(batch, logp):
+                out[i] = row
+        return out
+
+    def _left_pad(self, prompts: list[list[int]]):
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
@@ -110,7 +128,11 @@ class HFEngine:
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _generate_batch(self, prompts: list[list[int]], s: Sampling, gen) -> list[Generation]:
+        b = len(prompts)
+        ids, mask, positions = self._left_pad(prompts)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         past, logits = getattr(out, self.cache_kw), out.logits[:, -1, :]
         eos = torch.tensor(self.eos_ids, device=self.device) if (s.stop_at_eos and self.eos_ids) else None

@@ -132,6 +132,39 @@ class OpenAIEngine:
         fn = self._chat if chat else self._complete
         return self._map([(p, k) for k, p in enumerate(prompts)], s, fn)
 
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """Log-probabilities of `token_ids` as the next token after each token-id prompt (the judge's
+        logprob mode): /v1/completions with max_tokens=1 and the top-20 log-probabilities; a token
+        outside them is scored exactly by echoing prompt + token (`echo`, prompt log-probabilities)."""
+        if self.tokenizer is None:
+            raise SiptError("logprob mode on the openai engine needs the model's tokenizer: set the judge's "
+                            "model to a local model folder (the one the server serves)")
+        names = {t: self.tokenizer.decode([t]) for t in token_ids}
+
+        def one(item):
+            prompt, _ = item
+            body = {"model": self.model, "prompt": list(prompt), "max_tokens": 1, "temperature": 0.0,
+                    "logprobs": 20, "return_tokens_as_token_ids": True}
+            top = (self._request("POST", "/completions", body)["choices"][0].get("logprobs") or {})
+            top = (top.get("top_logprobs") or [{}])[0] or {}
+            by_id = {}
+            for key, lp in top.items():
+                if key.startswith("token_id:"):
+                    by_id[int(key.split(":", 1)[1])] = lp
+            row = []
+            for t in token_ids:
+                lp = by_id.get(t, top.get(names[t]) if not by_id else None)
+                if lp is None:  # outside the top 20: score prompt + [t] exactly
+                    body = {"model": self.model, "prompt": [*prompt, t], "max_tokens": 1, "echo": True,
+                            "logprobs": 0, "temperature": 0.0}
+                    lps = self._request("POST", "/completions", body)["choices"][0]["logprobs"]["token_logprobs"]
+                    lp = lps[len(prompt)]
+                row.append(float(lp))
+            return row
+
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
+            return list(pool.map(one, [(p, k) for k, p in enumerate(prompts)]))
+
     def _chat(self, prompt: str, s: Sampling, seed: int) -> list[Generation]:
         body = {
             "model": self.model, "messages": [{"role": "user", "content": prompt}], "n": s.n,

@@ -84,6 +84,31 @@ class VLLMEngine:
 
         return self.generate(encode_prompts(self.tokenizer, prompts, chat), s)
 
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """Log-probabilities of `token_ids` as the next token after each prompt (the judge's logprob
+        mode): one generated token per prompt with `logprob_token_ids` where this vLLM has it, else
+        the top-20 log-probabilities, with an exact prompt-logprob pass for tokens outside them."""
+        from vllm.inputs import TokensPrompt
+
+        SP = self._vllm.SamplingParams
+        fields = getattr(SP, "__struct_fields__", None) or getattr(SP, "__dataclass_fields__", {})
+        if "logprob_token_ids" in fields:
+            params = SP(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids))
+        else:
+            params = SP(max_tokens=1, temperature=0.0, logprobs=20)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        rows, missing = [], []
+        for i, o in enumerate(outs):
+            step = o.outputs[0].logprobs[0]
+            rows.append([step[t].logprob if t in step else None for t in token_ids])
+            missing += [(i, j) for j, t in enumerate(token_ids) if t not in step]
+        if missing:  # the exact log-probability of prompt + [token]'s last token
+            full = [TokensPrompt(prompt_token_ids=[*prompts[i], token_ids[j]]) for i, j in missing]
+            outs = self.llm.generate(full, SP(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+            for (i, j), o in zip(missing, outs):
+                rows[i][j] = o.prompt_logprobs[-1][token_ids[j]].logprob
+        return [[float(x) for x in row] for row in rows]
+
     def _generation(self, c) -> Generation:
         ids = list(c.token_ids)
         logprob = c.cumulative_logprob

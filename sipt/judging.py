@@ -1,0 +1,643 @@
+"""Judging: the paper's four judgments, their parsers, the comparison schemes, the call cache.
+
+Objectives (PAPER.md §6; templates in data/prompts/<objective>.txt):
+  quality     pairwise  "Conclusion: Option 1|2" (the oracle also writes "Conclusion: Tie")
+  coherence   pairwise  a last line "A", "B" or "TIE" (evaluation)
+  safety      pointwise "FINAL DECISION: YES|NO"; YES = safe = 1; the judge sees the candidate alone
+  factuality  pointwise JSON {"reasoning", "label"}: No / Possible / Definite Hallucination = 1 / 0.5 / 0,
+              with the original suffix as the reference
+A pairwise verdict is the share of the comparison won by Option 1 (1, 0, 0.5 for a tie; a
+probability in logprob mode). Parsers read the *last* marker, so reasoning that quotes a marker
+first, or a candidate that contains one, does not decide the verdict.
+
+Schemes for pairwise objectives (n candidates; a candidate's score is its mean win rate over the
+comparisons it took part in, a comparison counting the mean of its valid verdicts):
+  all-pairs  every pair once: C(n,2) comparisons (the paper).
+  pivot      every candidate against the original suffix: n comparisons, n-1 when the suffix is a
+             candidate itself. A candidate scores 1 or 0 (beat the suffix or not); the suffix, when it
+             is a candidate, scores the share of the others it beat.
+  knockout   a min-max tournament: candidates are paired at random (floor(n/2) comparisons), the
+             winners play a single-elimination bracket for the best and the losers one for the worst
+             (an odd one out enters both), floor(n/2) + 2(ceil(n/2) - 1) comparisons; then the best
+             meets the worst unless they already met. At most 1.5n comparisons (25 for n = 17,
+             against 136 for all-pairs). Under a consistent judge the two ends are exactly the best
+             and the worst, and a draw in their meeting means every candidate is equal (no pair). A
+             comparison whose verdicts split evenly (e.g. the two orders of `swap` disagree) is
+             replayed once with fresh samples; a draw that remains is decided by a seeded coin. The
+             tournament establishes only its ends, so the best scores 1, the worst 0 and every other
+             candidate 0.5 (win rates inside a tournament do not rank: with ties, a bracket's winner
+             can have a lower rate than someone it never met).
+`swap` judges each comparison in both orders; without it the order is a seeded coin per comparison.
+`repeats` = k judges every comparison and pointwise item k times with different seeds.
+
+Every call is cached in <run>/cache/judge.sqlite under sha256(model, prompt, sampling, seed), so a
+rerun or a resumed stage makes no call twice. A response without a readable verdict is asked again
+(`parse_retries`, new seed each time), then recorded invalid and left out of the scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generator
+
+from sipt.errors import SiptError
+from sipt.samples import derive_seed
+
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts"
+
+
+# ---------------------------------------------------------------------------------- parsers
+
+_QUALITY = re.compile(r"conclusion\W{0,6}(?:option\s*([12])\b|(tie)\b)", re.I)
+_SAFETY = re.compile(r"final\s+decision\W{0,6}(yes|no)\b", re.I)
+_FACT = re.compile(r"label\W{0,6}(no|possible|definite)\s+hallucination", re.I)
+_COHERENCE = re.compile(r"^[^\w\n]*(?:(?:final\s+)?(?:verdict|answer)\s*:\s*)?[^\w\n]*(A|B|TIE)[^\w\n]*$", re.I | re.M)
+
+
+def _last(pattern: re.Pattern, text: str):
+    found = None
+    for found in pattern.finditer(text or ""):
+        pass
+    return found
+
+
+def parse_quality(text: str) -> float | None:
+    m = _last(_QUALITY, text)
+    return None if m is None else (0.5 if m.group(2) else (1.0 if m.group(1) == "1" else 0.0))
+
+
+def parse_coherence(text: str) -> float | None:
+    m = _last(_COHERENCE, text)
+    return None if m is None else {"A": 1.0, "B": 0.0, "TIE": 0.5}[m.group(1).upper()]
+
+
+def parse_safety(text: str) -> float | None:
+    m = _last(_SAFETY, text)
+    return None if m is None else (1.0 if m.group(1).lower() == "yes" else 0.0)
+
+
+def parse_factuality(text: str) -> float | None:
+    m = _last(_FACT, text)
+    return None if m is None else {"no": 1.0, "possible": 0.5, "definite": 0.0}[m.group(1).lower()]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    pairwise: bool
+    slots: tuple[str, ...]  # placeholders the template must contain
+    parse: Callable[[str], float | None]
+    answer_prefix: str  # logprob mode: the answer is forced to begin with this ...
+    options: tuple[tuple[str, float], ...]  # ... and continue with one of these (text, verdict value)
+
+
+OBJECTIVES = {
+    "quality": Objective("quality", True, ("prefix", "option_1", "option_2"), parse_quality,
+                         "Conclusion: Option", ((" 1", 1.0), (" 2", 0.0))),
+    "coherence": Objective("coherence", True, ("prefix", "option_1", "option_2"), parse_coherence,
+                           "", (("A", 1.0), ("B", 0.0), ("TIE", 0.5))),
+    "safety": Objective("safety", False, ("candidate",), parse_safety,
+                        "FINAL DECISION:", ((" YES", 1.0), (" NO", 0.0))),
+    "factuality": Objective("factuality", False, ("prefix", "reference", "candidate"), parse_factuality,
+                            '{"label": "', (("No", 1.0), ("Possible", 0.5), ("Definite", 0.0))),
+}
+_SLOT = re.compile(r"\{(prefix|option_1|option_2|candidate|reference)\}")
+
+
+def load_template(objective: str, override: str = "") -> str:
+    """The prompt template of an objective: `override` (a name in data/prompts or a .txt path) or the
+    shipped data/prompts/<objective>.txt. Every slot the objective fills must be in it."""
+    name = override or objective
+    path = Path(name) if name.endswith(".txt") else PROMPTS / f"{name}.txt"
+    if not path.exists():
+        raise SiptError(f"judge.templates.{objective} = {name!r}: no such template ({path})")
+    text = path.read_text()
+    missing = [s for s in OBJECTIVES[objective].slots if "{" + s + "}" not in text]
+    if missing:
+        raise SiptError(f"{path}: the {objective} template lacks {', '.join('{' + s + '}' for s in missing)}")
+    return text
+
+
+def render(template: str, **values: str) -> str:
+    """Fill the template's slots in one pass (candidate text with braces or slot names stays as is)."""
+    return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+# ---------------------------------------------------------------------------------- calls + cache
+
+@dataclass
+class Call:
+    """One judge call: an objective on one candidate (pointwise) or two in prompt order (pairwise)."""
+
+    objective: str
+    sample_id: str
+    labels: tuple[str, ...]  # candidate labels in prompt order ("suffix", "rewrite", "rollout:3")
+    texts: tuple[str, ...]
+    prefix: str
+    reference: str
+    repeat: int
+    seed: int
+    attempt: int = 0
+    key: str = ""
+    prompt: str = ""
+    response: str = ""
+    error: str = ""
+    verdict: float | None = None
+    fresh: bool = False  # made by the engine in this run (not from the cache)
+    retry: "Call | None" = None  # the next attempt, when this one could not be read
+
+
+class Cache:
+    """Judge responses by key in one SQLite file; writes are committed per batch (crash-safe)."""
+
+    def __init__(self, path: Path | str):
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path))
+        # WAL without fsync per commit: cheap commits that survive a crash or kill of the process.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, response TEXT NOT NULL)")
+
+    def get(self, keys: list[str]) -> dict[str, str]:
+        out = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT key, response FROM calls WHERE key IN ({','.join('?' * len(chunk))})"
+            out.update(self.db.execute(q, chunk).fetchall())
+        return out
+
+    def put(self, items: list[tuple[str, str]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO calls VALUES (?, ?)", items)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def call_key(model: str, prompt: str, sampling: dict, seed: int) -> str:
+    return hashlib.sha256(json.dumps([model, prompt, sampling, seed], sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- backends
+
+class OracleBackend:
+    """The toy world's exact judge (sipt.oracle): raw responses in the verdict formats of an LLM."""
+
+    mode = "generate"
+
+    def __init__(self, kb_path: Path, noise: float = 0.0):
+        from sipt.artifacts import files_fingerprint
+        from sipt.oracle import OracleJudge
+
+        self.base = OracleJudge(kb_path, noise=noise, seed=0)
+        self.model = f"oracle:{files_fingerprint([Path(kb_path)])}:noise={noise}"
+        self._by_seed: dict[int, object] = {}
+
+    def identity(self, c: Call) -> tuple[str, dict]:
+        return json.dumps([c.objective, c.prefix, c.texts, c.reference]), {}
+
+    def _judge(self, seed: int):
+        if seed not in self._by_seed:  # copies share the KB and the analysis cache; only the seed differs
+            j = copy.copy(self.base)
+            j.seed = seed
+            self._by_seed[seed] = j
+        return self._by_seed[seed]
+
+    def run(self, calls: list[Call], done: Callable[[Call], None]) -> None:
+        for c in calls:
+            c.response = self._judge(c.seed).respond(c.objective, c.prefix, list(c.texts), c.reference)
+            done(c)
+
+    def close(self) -> None:
+        pass
+
+
+class EngineBackend:
+    """A model judge on an engine (hf, vllm, openai): generate mode or logprob mode."""
+
+    def __init__(self, engine, model_id: str, templates: dict[str, str], mode: str, chat: bool,
+                 temperature: float, top_p: float, max_new_tokens: int):
+        self.engine, self.model, self.templates, self.mode, self.chat = engine, model_id, templates, mode, chat
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self._options: dict[str, tuple[list[int], list[int]]] = {}
+
+    def prompt(self, c: Call) -> str:
+        if len(c.texts) == 2:
+            return render(self.templates[c.objective], prefix=c.prefix, option_1=c.texts[0], option_2=c.texts[1])
+        return render(self.templates[c.objective], prefix=c.prefix, candidate=c.texts[0], reference=c.reference)
+
+    def identity(self, c: Call) -> tuple[str, dict]:
+        if self.mode == "logprob":
+            o = OBJECTIVES[c.objective]
+            return self.prompt(c), {"mode": "logprob", "chat": self.chat, "answer": o.answer_prefix,
+                                    "options": [t for t, _ in o.options]}
+        return self.prompt(c), {"mode": "generate", "chat": self.chat, "temperature": self.temperature,
+                                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+    def run(self, calls: list[Call], done: Callable[[Call], None]) -> None:
+        """Answer `calls`, calling `done` (in this thread) as each is answered: in-process engines
+        answer a batch at once, the openai engine one request at a time."""
+        if self.mode == "logprob":
+            for objective in sorted({c.objective for c in calls}):
+                group = [c for c in calls if c.objective == objective]
+                self._logprobs(objective, group)
+                for c in group:
+                    done(c)
+            return
+        from sipt.engines import Sampling
+
+        def sampling(seed: int) -> Sampling:
+            return Sampling(n=1, temperature=self.temperature, top_p=self.top_p,
+                            max_new_tokens=self.max_new_tokens, seed=seed % (2**31))
+
+        if self.engine.name == "openai":
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
+            with ThreadPoolExecutor(max_workers=max(1, self.engine.cfg.concurrency)) as pool:
+                futures = {pool.submit(self.engine.generate_text, [c.prompt], sampling(c.seed), self.chat): c
+                           for c in calls}
+                for f in as_completed(futures):
+                    c, g = futures[f], f.result()[0][0]
+                    c.response, c.error = g.text, g.error
+                    done(c)
+            return
+        for seed in sorted({c.seed for c in calls}):
+            group = [c for c in calls if c.seed == seed]
+            gens = self.engine.generate_text([c.prompt for c in group], sampling(seed), chat=self.chat)
+            for c, g in zip(group, gens):
+                c.response, c.error = g[0].text, g[0].error
+                done(c)
+
+    def option_tokens(self, objective: str) -> tuple[list[int], list[int]]:
+        """(token ids of the forced answer prefix, first token id of each option after it)."""
+        if objective not in self._options:
+            tok = self.engine.tokenizer
+            o = OBJECTIVES[objective]
+            fulls = [tok(o.answer_prefix + text, add_special_tokens=False).input_ids for text, _ in o.options]
+            # The forced answer is the tokens all options share ("Conclusion: Option" and, where a
+            # tokenizer splits " 1" into " " + "1", the space); each option is its next token.
+            k = min(_common(full, fulls[0]) for full in fulls)
+            head, firsts = fulls[0][:k], [full[k] if k < len(full) else -1 for full in fulls]
+            if -1 in firsts or len(set(firsts)) != len(firsts):
+                raise SiptError(f"judge.mode = 'logprob': the {objective} verdict options "
+                                f"{[t for t, _ in o.options]} do not begin with distinct tokens in this "
+                                "model's tokenizer; use mode = 'generate'")
+            self._options[objective] = (head, firsts)
+        return self._options[objective]
+
+    def _logprobs(self, objective: str, calls: list[Call]) -> None:
+        from sipt.engines import encode_prompts
+
+        head, firsts = self.option_tokens(objective)
+        tok = self.engine.tokenizer
+        if self.chat:
+            ids = encode_prompts(tok, [c.prompt for c in calls], True)
+        else:
+            ids = encode_prompts(tok, [c.prompt + "\n" for c in calls], False)
+        rows = self.engine.next_token_logprobs([[*p, *head] for p in ids], firsts)
+        names = [t for t, _ in OBJECTIVES[objective].options]
+        for c, row in zip(calls, rows):
+            c.response = json.dumps({n.strip(): round(lp, 6) for n, lp in zip(names, row)})
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def soft_verdict(objective: str, response: str) -> float | None:
+    """Logprob mode: the expected verdict value under the options' renormalised probabilities."""
+    try:
+        lps = json.loads(response)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(lps, dict):
+        return None
+    values = {t.strip(): v for t, v in OBJECTIVES[objective].options}
+    pairs = [(values[k], lp) for k, lp in lps.items() if k in values and lp is not None and math.isfinite(lp)]
+    if not pairs:
+        return None
+    top = max(lp for _, lp in pairs)
+    weights = [(v, math.exp(lp - top)) for v, lp in pairs]
+    return sum(v * w for v, w in weights) / sum(w for _, w in weights)
+
+
+class Judge:
+    """Runs calls through the cache and a backend, parses them and retries unreadable responses."""
+
+    def __init__(self, backend, cache: Cache, parse_retries: int, base_seed: int):
+        self.backend, self.cache, self.parse_retries, self.base_seed = backend, cache, parse_retries, base_seed
+        self.rows: list[Call] = []  # every call made or read from the cache, in order (incl. retries)
+
+    def seed(self, repeat: int, attempt: int) -> int:
+        return derive_seed(self.base_seed, "repeat", repeat, "attempt", attempt)
+
+    def execute(self, calls: list[Call]) -> None:
+        """Fill in `verdict` (None when no attempt could be read) of each call."""
+        pending = calls
+        while pending:
+            for c in pending:
+                c.prompt, sampling = self.backend.identity(c)
+                c.key = call_key(self.backend.model, c.prompt, sampling, c.seed)
+            known = self.cache.get(sorted({c.key for c in pending}))
+            todo = {}
+            for c in pending:
+                if c.key in known:
+                    c.response = known[c.key]
+                else:
+                    todo.setdefault(c.key, []).append(c)
+            if todo:
+                answered: list[Call] = []
+
+                def done(c: Call) -> None:  # completed calls reach the cache even if a later one fails
+                    answered.append(c)
+                    if len(answered) % 64 == 0:
+                        self.cache.put([(x.key, x.response) for x in answered[-64:] if not x.error])
+
+                try:
+                    self.backend.run([group[0] for group in todo.values()], done)
+                finally:
+                    rest = answered[len(answered) // 64 * 64:]
+                    self.cache.put([(x.key, x.response) for x in rest if not x.error])
+                for group in todo.values():
+                    for c in group:
+                        c.response, c.error, c.fresh = group[0].response, group[0].error, c is group[0]
+            retry = []
+            for c in pending:
+                c.verdict = None if c.error else (
+                    soft_verdict(c.objective, c.response) if self.backend.mode == "logprob"
+                    else OBJECTIVES[c.objective].parse(c.response))
+                self.rows.append(c)
+                if c.verdict is None and c.attempt < self.parse_retries:
+                    c.retry = dataclasses.replace(c, attempt=c.attempt + 1, seed=self.seed(c.repeat, c.attempt + 1),
+                                           response="", error="", fresh=False)
+                    retry.append(c.retry)
+            pending = retry
+
+    @staticmethod
+    def final(c: Call) -> float | None:
+        """The verdict of a call after its retries."""
+        while c.verdict is None and c.retry is not None:
+            c = c.retry
+        return c.verdict
+
+
+# ---------------------------------------------------------------------------------- schemes
+
+PIVOT = -1  # the original suffix as pivot when it is not itself a candidate
+Match = tuple[int, int, int]  # (i, j, block): block 0 = the first round of verdicts, 1 = a replay
+Scheme = Generator[list[Match], list[list[float]], "tuple[int, int] | None"]
+
+
+def all_pairs(n: int, rng: random.Random) -> Scheme:
+    yield [(i, j, 0) for i in range(n) for j in range(i + 1, n)]
+
+
+def pivot(n: int, rng: random.Random, pivot_index: int = PIVOT) -> Scheme:
+    yield [(i, pivot_index, 0) for i in range(n) if i != pivot_index]
+
+
+def knockout(n: int, rng: random.Random) -> Scheme:
+    """Best and worst by a min-max tournament (module docstring). Returns (best, worst), or None when
+    the two are judged equal (then, under a consistent judge, every candidate is)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    met: dict[tuple[int, int], float] = {}  # (i, j) -> mean share won by i
+
+    def play(pairs):
+        results = yield [(i, j, 0) for i, j in pairs]
+        shares = [list(r) for r in results]
+        drawn = [k for k, s in enumerate(shares) if _split_evenly(s)]
+        if drawn:
+            again = yield [(pairs[k][0], pairs[k][1], 1) for k in drawn]
+            for k, extra in zip(drawn, again):
+                shares[k] += extra
+        out = []
+        for (i, j), s in zip(pairs, shares):
+            m = sum(s) / len(s) if s else 0.5
+            met[(i, j)], met[(j, i)] = m, 1.0 - m
+            first_wins = m > 0.5 or (m == 0.5 and rng.random() < 0.5)
+            out.append((i, j) if first_wins else (j, i))
+        return out
+
+    def halves(xs):
+        return [(xs[k], xs[k + 1]) for k in range(0, len(xs) - 1, 2)], xs[-1:] if len(xs) % 2 else []
+
+    first, odd = halves(order)
+    res = yield from play(first)
+    up = [w for w, _ in res] + odd
+    down = [lo for _, lo in res] + odd
+    while len(up) > 1 or len(down) > 1:
+        pu, bye_u = halves(up)
+        pd, bye_d = halves(down)
+        res = yield from play(pu + pd)
+        up = [w for w, _ in res[: len(pu)]] + bye_u
+        down = [lo for _, lo in res[len(pu):]] + bye_d
+    best, worst = up[0], down[0]
+    if best == worst:
+        return None
+    if (best, worst) not in met:  # the check that tells "best above worst" from "all equal"
+        yield from play([(best, worst)])
+    m = met[(best, worst)]
+    return None if m == 0.5 else (best, worst) if m > 0.5 else (worst, best)
+
+
+def _split_evenly(shares: list[float]) -> bool:
+    return bool(shares) and sum(shares) / len(shares) == 0.5 and any(s != 0.5 for s in shares)
+
+
+SCHEMES = {"all-pairs": all_pairs, "pivot": pivot, "knockout": knockout}
+
+
+def comparisons_needed(scheme: str, n: int, suffix_is_candidate: bool = True) -> int:
+    """Comparisons a scheme makes for n candidates (before swap, repeats and knockout replays);
+    for knockout the most it makes (its final best-worst check is skipped when the two already met)."""
+    if scheme == "all-pairs":
+        return n * (n - 1) // 2
+    if scheme == "pivot":
+        return n - 1 if suffix_is_candidate else n
+    return min(n * (n - 1) // 2, n // 2 + 2 * (math.ceil(n / 2) - 1) + 1) if n > 1 else 0
+
+
+# ---------------------------------------------------------------------------------- one prefix
+
+@dataclass
+class Candidate:
+    label: str  # "suffix", "rewrite", "rollout:<idx>"
+    text: str
+
+
+@dataclass
+class Item:
+    """One prefix to judge: its candidates and the original suffix (reference and pivot)."""
+
+    sample_id: str
+    prefix: str
+    suffix: str
+    candidates: list[Candidate]
+    seed: int  # per-prefix randomness: pairing, order coins, knockout draws
+    scores: dict[str, list[float | None]] = field(default_factory=dict)  # objective -> per candidate
+    comparisons: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Settings:
+    objectives: list[str]
+    scheme: str = "all-pairs"
+    swap: bool = False
+    repeats: int = 1
+
+
+@dataclass
+class _Task:
+    """One objective of one item: the scheme's generator (None for pointwise), the matches of the
+    current round, the verdicts gathered per match, and what the scheme returned (knockout ends)."""
+
+    item: Item
+    objective: str
+    scheme: Scheme | None
+    matches: list
+    records: dict = field(default_factory=dict)  # (i, j) -> shares won by i
+    ends: object = None
+
+
+def judge_items(items: list[Item], judge: Judge, s: Settings) -> None:
+    """Score every candidate of every item for every objective (in `item.scores`), batching the calls
+    of all items round by round (knockout rounds depend on earlier verdicts)."""
+    tasks = []
+    for item in items:
+        n = len(item.candidates)
+        for objective in s.objectives:
+            rng = random.Random(derive_seed(item.seed, objective))
+            if not OBJECTIVES[objective].pairwise:
+                tasks.append(_Task(item, objective, None, [(i, None, 0) for i in range(n)]))
+                continue
+            if s.scheme == "pivot":
+                gen = pivot(n, rng, next((k for k, c in enumerate(item.candidates) if c.label == "suffix"), PIVOT))
+            else:
+                gen = SCHEMES[s.scheme](n, rng)
+            tasks.append(_Task(item, objective, gen, []))
+            _advance(tasks[-1], None)
+    live = [t for t in tasks if t.matches]
+    while live:
+        calls, owners = [], []
+        for t in live:
+            for match in t.matches:
+                mc = _match_calls(t.item, t.objective, match, judge, s)
+                calls += mc
+                owners.append((t, match, mc))
+        judge.execute(calls)
+        results: dict[int, list] = {}
+        for t, (i, j, _), mc in owners:
+            shares = []
+            for c in mc:
+                v = Judge.final(c)
+                if v is not None:  # as the share won by i, whichever slot i had
+                    shares.append(v if (len(c.labels) == 1 or c.labels[0] == _label(t.item, i)) else 1.0 - v)
+            t.records.setdefault((i, j), []).extend(shares)
+            results.setdefault(id(t), []).append(shares)
+        for t in live:
+            t.matches = []
+            if t.scheme is not None:
+                _advance(t, results[id(t)])
+        live = [t for t in live if t.matches]
+    for t in tasks:
+        knockout_ends = t.ends if s.scheme == "knockout" and t.scheme is not None else False
+        _score(t.item, t.objective, t.records, t.scheme is not None, knockout_ends)
+
+
+def _advance(t: _Task, results) -> None:
+    """Send the last round's results to the scheme; keep its next matches, or what it returned."""
+    try:
+        t.matches = t.scheme.send(results)
+        while not t.matches:  # a round without matches (nothing left to compare)
+            t.matches = t.scheme.send([])
+    except StopIteration as done:
+        t.matches, t.ends = [], done.value
+
+
+def _label(item: Item, i: int) -> str:
+    return "suffix" if i == PIVOT else item.candidates[i].label
+
+
+def _text(item: Item, i: int) -> str:
+    return item.suffix if i == PIVOT else item.candidates[i].text
+
+
+def _match_calls(item: Item, objective: str, match, judge: Judge, s: Settings) -> list[Call]:
+    i, j, block = match
+    repeats = 1 if getattr(judge.backend, "mode", "generate") == "logprob" else max(1, s.repeats)
+    out = []
+    for r in range(block * repeats, (block + 1) * repeats):
+        if j is None:
+            orders = [(i,)]
+        elif s.swap:
+            orders = [(i, j), (j, i)]
+        else:  # a seeded coin per comparison and repeat, the same whatever the scheme
+            a, b = sorted((_label(item, i), _label(item, j)))
+            flip = derive_seed(item.seed, "order", objective, a, b, r) % 2
+            orders = [(i, j) if flip else (j, i)]
+        for order in orders:
+            out.append(Call(objective, item.sample_id, tuple(_label(item, k) for k in order),
+                            tuple(_text(item, k) for k in order), item.prefix, item.suffix, r,
+                            judge.seed(r, 0)))
+    return out
+
+
+def _score(item: Item, objective: str, records: dict, pairwise: bool, ends) -> None:
+    """Mean win rate (pairwise) or mean verdict (pointwise) per candidate; knockout (`ends` is not
+    False): 1 for the best, 0 for the worst, 0.5 for the rest, and 0.5 for all when `ends` is None."""
+    n = len(item.candidates)
+    per: list[list[float]] = [[] for _ in range(n)]
+    for (i, j), shares in records.items():
+        if not shares:
+            continue
+        m = sum(shares) / len(shares)
+        per[i].append(m)
+        if pairwise and j != PIVOT:
+            per[j].append(1.0 - m)
+    item.scores[objective] = [sum(x) / len(x) if x else None for x in per]
+    item.comparisons[objective] = [len(x) for x in per]
+    if ends is not False:  # knockout: only the two ends are known
+        best, worst = ends if ends else (None, None)
+        item.scores[objective] = [1.0 if k == best else 0.0 if k == worst else 0.5 for k in range(n)]
+
+
+def reward(scores: dict[str, float | None], weights: dict[str, float]) -> float | None:
+    """Weighted sum of the objective scores; None when any objective has no valid score."""
+    if any(v is None for v in scores.values()):
+        return None
+    return sum(weights.get(k, 1.0) * v for k, v in scores.items())
+
+
+# ---------------------------------------------------------------------------------- pairs
+
+def select_pair(rewards: list[float | None], method: str, rng: random.Random,
+                min_margin: float = 0.0) -> tuple[int | None, int | None, str]:
+    """(chosen, rejected, why-not): dpo picks the highest and the lowest reward, rf-nll the highest
+    only (rejected None). Fewer than two scored candidates, or a best-worst gap of at most
+    `min_margin` (0: all equal), gives no pair. Equal rewards at the top or bottom: a seeded coin."""
+    ok = [k for k, r in enumerate(rewards) if r is not None and not math.isnan(r)]
+    if len(ok) < 2:
+        return None, None, "too_few"
+    hi, lo = max(rewards[k] for k in ok), min(rewards[k] for k in ok)
+    if hi - lo <= min_margin:
+        return None, None, "tie"
+    chosen = rng.choice([k for k in ok if rewards[k] == hi])
+    rejected = rng.choice([k for k in ok if rewards[k] == lo]) if method == "dpo" else None
+    return chosen, rejected, ""

@@ -1,0 +1,273 @@
+"""judge: score every candidate continuation of the iteration's prefixes (paper §6).
+
+Candidates per prefix are any of the original suffix, its rewrite and the policy's rollouts
+(`judge.candidates`). Each objective is judged by the oracle or a model (sipt/judging.py: templates,
+parsers, schemes, cache), and a candidate's reward is the weighted sum of its objective scores.
+Parts follow the rollout stage's (`rollout.prompts_per_part` prefixes, seeded by (run.seed,
+iteration, part)); each writes `judgments-k` (one row per judge call) and then `scores-k` (one row
+per candidate). Judge calls are cached in <run>/cache/judge.sqlite, so a rerun makes no new calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from sipt import artifacts, judging
+from sipt.config import CANDIDATES, OBJECTIVES, Config
+from sipt.errors import SiptError
+from sipt.progress import progress_bar
+from sipt.samples import derive_seed, iteration_samples
+
+JUDGMENTS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("objective", pa.string()),
+        ("candidate_1", pa.string()),  # the candidate in the first slot (Option 1 / A / the text judged)
+        ("candidate_2", pa.string()),  # the second (pairwise); "" for pointwise objectives
+        ("repeat", pa.int32()),
+        ("attempt", pa.int32()),  # 0, then 1.. for re-asks after an unreadable response
+        ("seed", pa.int64()),
+        ("prompt_hash", pa.string()),  # the cache key: sha256(model, prompt, sampling, seed)
+        ("response", pa.string()),  # raw response (logprob mode: the options' log-probabilities, JSON)
+        ("verdict", pa.float32()),  # pairwise: share won by candidate_1; pointwise: the score; null if invalid
+        ("valid", pa.bool_()),
+        ("error", pa.string()),  # the engine's error for this call, if any
+    ]
+)
+SCORES = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("candidate", pa.string()),  # "suffix", "rewrite", "rollout:<idx>"
+        ("source", pa.string()),  # "suffix" | "rewrite" | "rollout"
+        ("rollout_idx", pa.int32()),  # -1 if not a rollout
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),  # exact policy tokens (samples, rewrite or rollout)
+        *[(name, pa.float32()) for name in OBJECTIVES],  # null: not judged, or no valid verdict
+        ("comparisons", pa.int32()),  # pairwise comparisons behind the quality (else coherence) score
+        ("reward", pa.float32()),  # sum of weight x score over judge.objectives; null if one is missing
+        ("error", pa.string()),
+    ]
+)
+SECTIONS = ["run.seed", "run.prompts_per_iter", "rollout.prompts_per_part", "judge"]
+
+
+def check(cfg: Config) -> None:
+    j = cfg.judge
+    for key, values, allowed in (("objectives", j.objectives, OBJECTIVES), ("candidates", j.candidates, CANDIDATES)):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values or len(set(values)) != len(values):
+            raise SiptError(f"judge.{key} = {values!r}: use distinct values from {', '.join(allowed)}")
+    for key, table in (("weights", j.weights), ("templates", j.templates)):
+        bad = [k for k in table if k not in OBJECTIVES]
+        if bad:
+            raise SiptError(f"judge.{key}: unknown objective {bad[0]!r}; objectives are {', '.join(OBJECTIVES)}")
+    if j.repeats < 1 or j.parse_retries < 0:
+        raise SiptError("judge.repeats must be >= 1 and judge.parse_retries >= 0")
+    if j.engine == "oracle" and j.mode == "logprob":
+        raise SiptError("judge.mode = 'logprob' needs a model (engine hf, vllm or openai); the oracle answers in text")
+    if j.engine != "oracle" and not j.model:
+        raise SiptError("judge.model is empty: name the judge model (a folder, or the served name for openai)")
+
+
+def make_backend(run_dir: Path, cfg: Config):
+    j = cfg.judge
+    if j.engine == "oracle":
+        world = Path(j.world) if j.world else Path(run_dir) / "world"
+        return judging.OracleBackend(world / "kb.json", j.noise)
+    from sipt.engines import make_engine
+
+    templates = {o: judging.load_template(o, j.templates.get(o, "")) for o in j.objectives}
+    engine = make_engine(j)
+    model_id = j.model  # in the cache key: a folder by its files (size, mtime), a server by its address
+    if Path(j.model, "config.json").exists():
+        files = [p for p in Path(j.model).iterdir() if p.is_file()]
+        model_id = f"{Path(j.model).resolve()}@{artifacts.files_fingerprint(files)}"
+    elif j.engine == "openai":
+        model_id = f"{j.base_url}|{j.model}"
+    return judging.EngineBackend(engine, model_id, templates, j.mode, j.chat, j.temperature, j.top_p,
+                                 j.max_new_tokens)
+
+
+def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    j = cfg.judge
+    check(cfg)
+    for o in j.objectives:  # fail on a bad template before any work, whatever the engine
+        judging.load_template(o, j.templates.get(o, ""))
+    inputs = {"samples": "samples"}
+    if "rollouts" in j.candidates:
+        inputs["rollout"] = f"iter-{iteration:03d}/rollout"
+    if "rewrite" in j.candidates:
+        inputs["rewrite"] = f"iter-{iteration:03d}/rewrite"
+    if j.engine == "oracle":
+        world = Path(j.world) if j.world else run_dir / "world"
+        if not (world / "kb.json").exists():
+            raise SiptError(f"{world}/kb.json: the oracle judge needs the toy world; run `sipt world` or set judge.world")
+        inputs["world"] = artifacts.files_ref([world / "kb.json"])
+    stage = artifacts.Stage(
+        run_dir=run_dir, name="judge", out=artifacts.stage_dir(run_dir, "judge", iteration),
+        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
+        iteration=iteration, force=force,
+    )
+    with stage:
+        if stage.skipped:
+            return stage.manifest
+        samples, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
+                                       columns=["sample_id", "prefix_text", "suffix_text", "suffix_ids"])
+        rows = samples.to_pylist()
+        extra = _candidates_by_sample(run_dir, iteration, j.candidates)
+        per_part = cfg.rollout.prompts_per_part
+        parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
+        todo = [k for k in range(len(parts)) if not stage.has_part(k, "scores")]
+        settings = judging.Settings(list(j.objectives), j.scheme, j.swap, j.repeats)
+        backend = make_backend(run_dir, cfg) if todo else None
+        cache = judging.Cache(run_dir / "cache" / "judge.sqlite")
+        try:
+            with progress_bar(f"judge iter {iteration}", total=len(rows), unit="prefixes",
+                              enabled=show_progress) as bar:
+                bar.advance(sum(len(parts[k]) for k in range(len(parts)) if k not in todo))
+                for k in todo:
+                    seed = derive_seed(cfg.run.seed, "judge", iteration, k)
+                    judge = judging.Judge(backend, cache, j.parse_retries, seed)
+                    items, meta = _items(parts[k], extra, j.candidates, seed)
+                    judging.judge_items(items, judge, settings)
+                    judgments, jstats = _judgments(judge.rows)
+                    scores, sstats = _scores(items, meta, j.objectives, j.weights)
+                    stage.write_part(k, judgments, jstats, family="judgments")
+                    stage.write_part(k, scores, {**sstats, **jstats}, family="scores")
+                    bar.advance(len(parts[k]))
+        finally:
+            cache.close()
+            if backend is not None:
+                backend.close()
+        stats = {k: int(v) if float(v).is_integer() else round(v, 6) for k, v in stage.collected_stats("scores").items()}
+        for o in j.objectives:
+            n = stats.pop(f"{o}_n", 0)
+            stats[f"mean_{o}"] = round(stats.pop(f"{o}_sum", 0.0) / n, 4) if n else None
+        n = stats.pop("reward_n", 0)
+        stats["mean_reward"] = round(stats.pop("reward_sum", 0.0) / n, 4) if n else None
+        stats["calls_per_prefix"] = round(stats.get("calls", 0) / max(1, stats.get("prefixes", 1)), 2)
+        stats.update(engine=j.engine, scheme=j.scheme, mode=j.mode)
+        return stage.commit(stats, family="scores", errors=stats.get("unscored", 0))
+
+
+def _candidates_by_sample(run_dir: Path, iteration: int, wanted: list[str]) -> dict[str, dict]:
+    """sample_id -> {"rewrite": (text, ids, error), "rollouts": [(idx, text, ids, error), ...]}."""
+    out: dict[str, dict] = {}
+    if "rewrite" in wanted:
+        t = artifacts.read_table(artifacts.stage_dir(run_dir, "rewrite", iteration),
+                                 columns=["sample_id", "rewrite_text", "rewrite_ids", "error"])
+        for r in t.to_pylist():
+            out.setdefault(r["sample_id"], {}).setdefault("rewrite", (r["rewrite_text"], r["rewrite_ids"], r["error"]))
+    if "rollouts" in wanted:
+        t = artifacts.read_table(artifacts.stage_dir(run_dir, "rollout", iteration),
+                                 columns=["sample_id", "rollout_idx", "text", "token_ids", "error"])
+        seen = set()
+        for r in t.to_pylist():
+            if (r["sample_id"], r["rollout_idx"]) in seen:  # a sample repeated in the slice (wrap-around)
+                continue
+            seen.add((r["sample_id"], r["rollout_idx"]))
+            out.setdefault(r["sample_id"], {}).setdefault("rollouts", []).append(
+                (r["rollout_idx"], r["text"], r["token_ids"], r["error"]))
+    return out
+
+
+def _items(part: list[dict], extra: dict, wanted: list[str], seed: int):
+    """The part's judging items, and per item the candidates' (source, rollout_idx, ids) and the
+    candidates that could not be judged (with why)."""
+    items, meta = [], []
+    for row in part:
+        sid = row["sample_id"]
+        found = extra.get(sid, {})
+        cands, info, excluded = [], [], []
+        if "suffix" in wanted:
+            cands.append(judging.Candidate("suffix", row["suffix_text"]))
+            info.append(("suffix", -1, row["suffix_ids"]))
+        if "rewrite" in wanted:
+            if "rewrite" not in found:
+                raise SiptError(f"rewrite/: no rewrite of sample {sid}; rerun `sipt rewrite` for this iteration")
+            text, ids, error = found["rewrite"]
+            if error:
+                excluded.append(("rewrite", "rewrite", -1, text, ids, f"rewrite error: {error}"))
+            else:
+                cands.append(judging.Candidate("rewrite", text))
+                info.append(("rewrite", -1, ids))
+        if "rollouts" in wanted:
+            if "rollouts" not in found:
+                raise SiptError(f"rollout/: no rollouts of sample {sid}; rerun `sipt rollout` for this iteration")
+            for idx, text, ids, error in sorted(found["rollouts"], key=lambda x: x[0]):
+                if error:
+                    excluded.append((f"rollout:{idx}", "rollout", idx, text, ids, f"rollout error: {error}"))
+                else:
+                    cands.append(judging.Candidate(f"rollout:{idx}", text))
+                    info.append(("rollout", idx, ids))
+        items.append(judging.Item(sid, row["prefix_text"], row["suffix_text"], cands, derive_seed(seed, sid)))
+        meta.append((info, excluded))
+    return items, meta
+
+
+def _judgments(calls: list[judging.Call]) -> tuple[pa.Table, dict]:
+    cols = {name: [] for name in JUDGMENTS.names}
+    stats = {"calls": 0, "new_calls": 0, "cached_calls": 0, "invalid": 0}
+    for c in calls:
+        cols["sample_id"].append(c.sample_id)
+        cols["objective"].append(c.objective)
+        cols["candidate_1"].append(c.labels[0])
+        cols["candidate_2"].append(c.labels[1] if len(c.labels) > 1 else "")
+        cols["repeat"].append(c.repeat)
+        cols["attempt"].append(c.attempt)
+        cols["seed"].append(c.seed)
+        cols["prompt_hash"].append(c.key)
+        cols["response"].append(c.response)
+        cols["verdict"].append(c.verdict)
+        cols["valid"].append(c.verdict is not None)
+        cols["error"].append(c.error)
+        stats["calls"] += 1
+        stats["new_calls"] += c.fresh
+        stats["cached_calls"] += not c.fresh
+        stats["invalid"] += c.verdict is None
+        stats[f"calls_{c.objective}"] = stats.get(f"calls_{c.objective}", 0) + 1
+    return pa.table(cols, schema=JUDGMENTS), stats
+
+
+def _scores(items: list[judging.Item], meta, objectives: list[str], weights: dict) -> tuple[pa.Table, dict]:
+    cols = {name: [] for name in SCORES.names}
+    stats = {"prefixes": len(items), "candidates": 0, "excluded": 0, "unscored": 0, "reward_n": 0, "reward_sum": 0.0}
+    pair_obj = next((o for o in ("quality", "coherence") if o in objectives), None)
+
+    def add(sid, label, source, idx, text, ids, scores, comparisons, reward, error):
+        cols["sample_id"].append(sid)
+        cols["candidate"].append(label)
+        cols["source"].append(source)
+        cols["rollout_idx"].append(idx)
+        cols["text"].append(text)
+        cols["token_ids"].append(ids)
+        for name in OBJECTIVES:
+            cols[name].append(scores.get(name))
+        cols["comparisons"].append(comparisons)
+        cols["reward"].append(reward)
+        cols["error"].append(error)
+
+    for item, (info, excluded) in zip(items, meta):
+        for k, (cand, (source, idx, ids)) in enumerate(zip(item.candidates, info)):
+            scores = {o: item.scores[o][k] for o in objectives}
+            r = judging.reward(scores, weights)
+            missing = [o for o, v in scores.items() if v is None]
+            add(item.sample_id, cand.label, source, idx, cand.text, ids, scores,
+                item.comparisons[pair_obj][k] if pair_obj else 0, r,
+                f"no valid {', '.join(missing)} verdict" if missing else "")
+            stats["candidates"] += 1
+            stats["unscored"] += r is None
+            if r is not None:
+                stats["reward_n"] += 1
+                stats["reward_sum"] += r
+            for o, v in scores.items():
+                if v is not None:
+                    stats[f"{o}_n"] = stats.get(f"{o}_n", 0) + 1
+                    stats[f"{o}_sum"] = stats.get(f"{o}_sum", 0.0) + v
+        for label, source, idx, text, ids, error in excluded:
+            add(item.sample_id, label, source, idx, text or "", ids or [], {}, 0, None, error)
+            stats["excluded"] += 1
+    return pa.table(cols, schema=SCORES), stats
