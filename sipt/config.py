@@ -54,8 +54,8 @@ class DataConfig:
     )
     format: str = knob(
         "auto",
-        "How to read `inputs`: auto (by file extension; a non-path is a datasets name), jsonl, "
-        "parquet, text or datasets.",
+        "How to read `inputs`: auto (by file extension; a save_to_disk folder is read with datasets), "
+        "jsonl, parquet, text, or datasets (then a name that is not a path is a hub dataset).",
         choices=("auto", "jsonl", "parquet", "text", "datasets"),
     )
     text_column: str = knob("text", "Column (JSONL key) that holds the document text.")
