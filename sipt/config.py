@@ -157,6 +157,8 @@ class EngineConfig:
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("auto", "hf: auto (cuda if available), cpu or cuda[:N].", results=False)
     batch_size: int = knob(64, "hf: sequences per forward batch (prompts × n).", results=False)
+    static_cache: bool = knob(True, "hf: preallocate the KV cache (much faster decoding than a growing cache).",
+                              results=False)
     max_model_len: int = knob(0, "vllm: context length to reserve (0: the model's).", results=False)
     gpu_memory_utilization: float = knob(0.85, "vllm on GPU: fraction of GPU memory to use.", results=False)
     kv_cache_mb: int = knob(0, "vllm: KV cache size in MiB (0: 256 on CPU, vLLM's choice on GPU).", results=False)

@@ -155,3 +155,48 @@ def test_killed_rollout_resumes_to_the_same_rows(sharded, tmp_path):
     a = artifacts.read_table(run / "iter-000" / "rollout")
     b = artifacts.read_table(clean / "iter-000" / "rollout")
     assert a.num_rows == 96 and a.equals(b)
+
+
+def test_a_server_that_never_answers_fails_clearly(sharded):
+    """A real socket on 127.0.0.1 that accepts connections and never replies: timeouts, retries, exit."""
+    import socket
+    import threading
+
+    from sipt.errors import StageInterrupted
+
+    run, _ = sharded
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # keep it open, say nothing
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    try:
+        os.environ["SIPT_TEST_KEY"] = "sk-secret-value"
+        cfg = config_mod.resolve(run, overrides={
+            "rollout.engine": "openai", "rollout.base_url": f"http://127.0.0.1:{port}/v1", "rollout.timeout_s": 0.5,
+            "rollout.max_retries": 1, "rollout.api_key_env": "SIPT_TEST_KEY"}, force=True)
+        with pytest.raises(StageInterrupted, match=r"no answer after 2 tries \(.*timed out") as info:
+            rollout.run(run, cfg, 0, show_progress=False)
+        assert "sk-secret-value" not in str(info.value)
+        status = {r["stage"]: r for r in artifacts.run_status(run) if r["iteration"] == 0}["rollout"]
+        assert status["state"] == "failed" and "sk-secret-value" not in json.dumps(status)
+        failed = (run / "iter-000" / ".rollout.tmp" / "_FAILED.json").read_text()
+        assert "sk-secret-value" not in failed
+    finally:
+        os.environ.pop("SIPT_TEST_KEY", None)
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()

@@ -42,8 +42,20 @@ def sample_next(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) 
         drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.float().softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one per vocabulary
+    # entry, which cost as much as the model's matmuls on CPU).
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), generator=gen, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def _repeat_cache(cache, n: int) -> None:
+    """Repeat a filled static KV cache n times along the batch (the n samples share one prefill)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(n, 0)
+        layer.values = layer.values.repeat_interleave(n, 0)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size *= n
 
 
 class HFEngine:
@@ -69,6 +81,7 @@ class HFEngine:
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         # transformers 5.2x renamed `past_key_values` to `cache`; support both.
         self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.static = cfg.static_cache
 
     def __enter__(self) -> "HFEngine":
         return self
@@ -83,19 +96,29 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
-        """`s.n` continuations of every prompt. Deterministic for the same prompts, order and seed."""
-        rows = [(i, j) for i in range(len(prompts)) for j in range(s.n)]
-        # Length bucketing: similar lengths share a batch, so little compute goes to padding.
-        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        """`s.n` continuations of every prompt. Deterministic for the same prompts, order and seed.
+
+        Prompts are sorted by length (similar lengths share a batch, little compute goes to
+        padding) and each batch of `batch_size // n` prompts is prefilled once; the KV cache is then
+        repeated n times, so the n continuations of a prompt share its prefix.
+        """
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         gen = torch.Generator(device=self.device).manual_seed(s.seed)
-        out: list[list[Generation | None]] = [[None] * s.n for _ in prompts]
-        bs = max(1, self.cfg.batch_size)
-        for start in range(0, len(rows), bs):
-            batch = rows[start : start + bs]
-            results = self._generate_batch([prompts[i] for i, _ in batch], s, gen)
-            for (i, j), res in zip(batch, results):
-                out[i][j] = res
-        return out  # type: ignore[return-value]
+        out: list[list[Generation]] = [[] for _ in prompts]
+        per_batch = max(1, self.cfg.batch_size // max(1, s.n))
+        for start in range(0, len(order), per_batch):
+            batch = order[start : start + per_batch]
+            results = self._generate_batch([prompts[i] for i in batch], s, gen)
+            for k, i in enumerate(batch):
+                out[i] = results[k * s.n : (k + 1) * s.n]
+        return out
+
+    def _static_cache(self, length: int):
+        if not self.static:
+            return None
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=length)
 
     def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
         from sipt.engines import encode_prompts
@@ -131,10 +154,22 @@ class HFEngine:
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _generate_batch(self, prompts: list[list[int]], s: Sampling, gen) -> list[Generation]:
-        b = len(prompts)
+        """n continuations of each prompt, rows ordered prompt by prompt."""
         ids, mask, positions = self._left_pad(prompts)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        width = ids.shape[1]
+        # A preallocated (static) KV cache: a growing cache re-copies every layer's keys and values
+        # at each step, which dominated decoding time on CPU.
+        past = self._static_cache(width + s.max_new_tokens)
+        shared = s.n > 1 and past is not None
+        if s.n > 1 and not shared:  # no cache to repeat: prefill every copy
+            ids, mask, positions = (t.repeat_interleave(s.n, 0) for t in (ids, mask, positions))
+        extra = {self.cache_kw: past, "cache_position": torch.arange(width, device=self.device)} if past is not None else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         past, logits = getattr(out, self.cache_kw), out.logits[:, -1, :]
+        if shared:
+            _repeat_cache(past, s.n)
+            mask, positions, logits = (t.repeat_interleave(s.n, 0) for t in (mask, positions, logits))
+        b = mask.shape[0]
         eos = torch.tensor(self.eos_ids, device=self.device) if (s.stop_at_eos and self.eos_ids) else None
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         stopped = torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -155,8 +190,11 @@ class HFEngine:
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
             pos = pos + 1
+            extra = {self.cache_kw: past}
+            if self.static:
+                extra["cache_position"] = torch.tensor([width + step], device=self.device)
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                             use_cache=True, **{self.cache_kw: past})
+                             use_cache=True, **extra)
             past, logits = getattr(out, self.cache_kw), out.logits[:, -1, :]
         gen_ids = torch.stack(tokens, dim=1).cpu().tolist()
         results = []
