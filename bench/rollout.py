@@ -6,7 +6,8 @@ One run, one table, 64 prefixes x 16 rollouts x 128 tokens on the tiny policy:
   (c) raw `vllm.LLM.generate` on the same token-id prompts
   (d) `sipt rollout --engine vllm`
 Each column runs in its own process (vLLM lives in .venv-vllm); tokens/s counts generation and,
-for the stages, Parquet writing, but not model loading (reported apart). Peak memory is the
+for the stages, reading the samples and writing Parquet, but not starting or stopping the engine
+(start-up reported apart). Peak memory is the
 process's maximum resident set size. Targets: (b) >= 2 x (a); (d) >= 0.85 x (c).
 """
 
@@ -83,7 +84,7 @@ def worker(kind: str, run: Path) -> dict:
         from vllm.inputs import TokensPrompt
 
         llm = LLM(model=str(policy), dtype="float32", seed=0, max_model_len=1024,
-                  kv_cache_memory_bytes=256 << 20, enforce_eager=True)
+                  kv_cache_memory_bytes=256 << 20, enforce_eager=True, enable_chunked_prefill=False)
         load = time.perf_counter() - t0
         ps = [TokensPrompt(prompt_token_ids=p) for p in prompts(run)]
         params = [SamplingParams(n=N, temperature=1.0, max_tokens=NEW_TOKENS, seed=k, logprobs=0, ignore_eos=True)
@@ -101,7 +102,7 @@ def worker(kind: str, run: Path) -> dict:
     cfg = config_mod.resolve(run, overrides={"rollout.engine": kind.split("-")[1]}, force=True)
     t1 = time.perf_counter()
     m = rollout.run(run, cfg, 0, force=True, show_progress=False)
-    load = m["stats"]["engine_load_s"]
+    load = m["stats"]["engine_load_s"] + m["stats"]["engine_close_s"]  # start-up and shut-down, as for (c)
     return {"seconds": time.perf_counter() - t1 - load, "tokens": m["stats"]["tokens"], "load": load}
 
 

@@ -43,27 +43,42 @@ def prepare(work: Path) -> Path:
     run = work / "run"
     cfg = config_mod.resolve(run, overrides={
         "data.inputs": [str(corpus)], "data.id_column": "doc_id", "data.suffix_tokens": 64,
-        "data.max_prefix_tokens": 128, "run.prompts_per_iter": PAIRS, "rollout.n": 1,
-        "rollout.prompts_per_part": PAIRS, "train.batch_size": BATCH, "train.micro_batch_size": BATCH,
+        "data.max_prefix_tokens": 128, "run.prompts_per_iter": PAIRS,
+        "rollout.prompts_per_part": PAIRS, "rollout.n": 2, "train.batch_size": BATCH, "train.micro_batch_size": BATCH,
         "train.lr": 1e-5, "train.warmup_steps": 0, "train.checkpoint_every": 0,
     })
     init.run(run, cfg)
     shard.run(run, cfg, show_progress=False)
     rollout.run(run, cfg, 0, show_progress=False)
+    write_pairs(run, "suffix-vs-rollout")
+    return run
+
+
+def write_pairs(run: Path, variant: str) -> None:
+    """The pairs every column trains on: the suffix against a rollout, or two rollouts (the paper's
+    main setting, where candidates are rollouts only)."""
+    import pyarrow as pa
+
+    from sipt import artifacts
+
     samples = {r["sample_id"]: r for r in artifacts.read_table(run / "samples").to_pylist()}
+    rolls = {(r["sample_id"], r["rollout_idx"]): r for r in artifacts.read_table(run / "iter-000" / "rollout").to_pylist()}
     rows = []
-    for r in artifacts.read_table(run / "iter-000" / "rollout").to_pylist():
-        s = samples[r["sample_id"]]
-        rows.append({"sample_id": s["sample_id"], "prompt": s["prefix_text"], "chosen": s["suffix_text"],
-                     "rejected": r["text"], "prefix_ids": s["prefix_ids"], "prefix_start": s["prefix_start"],
-                     "chosen_ids": s["suffix_ids"], "rejected_ids": r["token_ids"], "chosen_source": "suffix",
-                     "rejected_source": "rollout", "chosen_rollout_idx": -1, "rejected_rollout_idx": r["rollout_idx"]})
+    for sid in sorted({k[0] for k in rolls}):
+        s, r0, r1 = samples[sid], rolls[(sid, 0)], rolls[(sid, 1)]
+        chosen = ("suffix", -1, s["suffix_text"], s["suffix_ids"]) if variant == "suffix-vs-rollout" else \
+            ("rollout", 0, r0["text"], r0["token_ids"])
+        rejected = ("rollout", 0, r0["text"], r0["token_ids"]) if variant == "suffix-vs-rollout" else \
+            ("rollout", 1, r1["text"], r1["token_ids"])
+        rows.append({"sample_id": sid, "prompt": s["prefix_text"], "chosen": chosen[2], "rejected": rejected[2],
+                     "prefix_ids": s["prefix_ids"], "prefix_start": s["prefix_start"], "chosen_ids": chosen[3],
+                     "rejected_ids": rejected[3], "chosen_source": chosen[0], "rejected_source": rejected[0],
+                     "chosen_rollout_idx": chosen[1], "rejected_rollout_idx": rejected[1]})
     stage = artifacts.Stage(run_dir=run, name="pair", out=run / "iter-000" / "pair", config_hash="bench",
-                            config_sections=[], inputs={}, iteration=0)
+                            config_sections=[], inputs={}, iteration=0, force=True)
     with stage:
         stage.write_part(0, pa.Table.from_pylist(rows))
         stage.commit()
-    return run
 
 
 def _pairs(run: Path) -> list[dict]:
@@ -84,6 +99,8 @@ def worker(kind: str, run: Path) -> dict:
 
     from sipt import config as config_mod
 
+    kind, _, variant = kind.partition(":")
+    write_pairs(run, variant or "suffix-vs-rollout")
     rows = _pairs(run)
     if kind in ("sipt-dpo", "sipt-ntp"):
         from stages import train
@@ -152,7 +169,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sipt-bench-train-"))
     try:
         run = prepare(work)
-        columns = [("trl-dpo", "DPO: TRL DPOTrainer (defaults)"), ("sipt-dpo", "DPO: sipt train"),
+        columns = [("trl-dpo", "DPO, suffix vs rollout: TRL DPOTrainer (defaults)"),
+                   ("sipt-dpo", "DPO, suffix vs rollout: sipt train"),
+                   ("trl-dpo:rollout-vs-rollout", "DPO, rollout vs rollout: TRL DPOTrainer (defaults)"),
+                   ("sipt-dpo:rollout-vs-rollout", "DPO, rollout vs rollout: sipt train"),
                    ("torch-ntp", "NTP: plain PyTorch loop"), ("sipt-ntp", "NTP: sipt train --objective ntp")]
         results = {}
         for key, label in columns:
@@ -166,7 +186,8 @@ def main() -> None:
         table = Table(title=f"bench/train: tiny policy, {STEPS} steps x {BATCH} pairs, fp32 CPU")
         for col in ("what", "steps", "seconds", "tokens/s", "peak RSS MB", "ratio"):
             table.add_column(col, justify="left" if col == "what" else "right")
-        base = {"sipt-dpo": "trl-dpo", "sipt-ntp": "torch-ntp"}
+        base = {"sipt-dpo": "trl-dpo", "sipt-ntp": "torch-ntp",
+                "sipt-dpo:rollout-vs-rollout": "trl-dpo:rollout-vs-rollout"}
         for key, label in columns:
             r = results.get(key)
             if not r:
@@ -180,7 +201,8 @@ def main() -> None:
             table.add_row(label, str(r["steps"]), f"{r['seconds']:.1f}", f"{tps:,.0f}", f"{r['peak_rss_mb']:,.0f}", ratio)
         Console().print(table)
         print("targets: sipt DPO >= 2 x TRL; sipt NTP >= 0.9 x plain PyTorch. Times exclude model loading and "
-              "saving; sipt's DPO time includes its one reference pass.")
+              "saving; sipt's DPO time includes its reference pass (none for rollout candidates: the rollout "
+              "stage's log-probabilities under the same policy are reused).")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

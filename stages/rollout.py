@@ -74,7 +74,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         todo = [k for k in range(len(parts)) if not stage.has_part(k)]
         t_load = time.perf_counter()
         engine = make_engine(r, r.model or str(policy)) if todo else None
-        t_load = time.perf_counter() - t_load
+        t_load, t_close = time.perf_counter() - t_load, 0.0
         try:
             with progress_bar(f"rollout iter {iteration}", total=len(rows) * r.n, unit="rollouts",
                               enabled=show_progress) as bar:
@@ -95,9 +95,11 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
                     bar.advance(len(parts[k]) * r.n)
         finally:
             if engine is not None:
+                t_close = time.perf_counter()
                 engine.close()
+                t_close = time.perf_counter() - t_close
         stats = {k: int(v) if float(v).is_integer() else v for k, v in stage.collected_stats().items()}
-        stats.update(epoch=epoch, engine=r.engine, engine_load_s=round(t_load, 3))
+        stats.update(epoch=epoch, engine=r.engine, engine_load_s=round(t_load, 3), engine_close_s=round(t_close, 3))
         if stats.get("tokens"):
             stats["mean_tokens"] = round(stats["tokens"] / max(1, stats["rollouts"]), 2)
         return stage.commit(stats, errors=stats.get("errors", 0))

