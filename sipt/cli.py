@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -43,9 +44,17 @@ def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: di
     return config_mod.resolve(run, cfg_file, overrides, force=force)
 
 
+_STARTED = time.time()
+
+
 def _report(manifest: dict, label: str) -> None:
     stats = manifest.get("stats", {})
     shown = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list)))
+    started = time.mktime(time.strptime(manifest.get("started_at", "1970-01-01T00:00:00"), "%Y-%m-%dT%H:%M:%S"))
+    if started < int(_STARTED):  # made by an earlier command: the stage was skipped
+        out.print(f"[green]{label}[/] already done ({manifest.get('rows', 0)} rows); skipped. "
+                  "--force reruns it.")
+        return
     out.print(f"[green]{label}[/] {manifest.get('rows', 0)} rows in {manifest.get('seconds', 0)} s  {shown}")
 
 
