@@ -619,3 +619,11 @@ def world_stats_table(stats: dict):
     for label, value in rows:
         table.add_row(label, "", "", value)
     return table
+
+
+def oracle_kb(world: str, run_dir: Path, role: str, key: str) -> Path:
+    """The knowledge base an oracle judge or rewriter reads: `world` (a folder), else `<run>/world`."""
+    kb = (Path(world) if world else Path(run_dir) / "world") / "kb.json"
+    if not kb.exists():
+        raise SiptError(f"{kb}: the oracle {role} needs the toy world; run `sipt world` or set {key}")
+    return kb

@@ -19,6 +19,7 @@ from sipt.config import CANDIDATES, OBJECTIVES, Config
 from sipt.errors import SiptError
 from sipt.progress import progress_bar
 from sipt.samples import derive_seed, iteration_samples
+from sipt.world import oracle_kb
 
 JUDGMENTS = pa.schema(
     [
@@ -74,8 +75,7 @@ def check(cfg: Config) -> None:
 def make_backend(run_dir: Path, cfg: Config):
     j = cfg.judge
     if j.engine == "oracle":
-        world = Path(j.world) if j.world else Path(run_dir) / "world"
-        return judging.OracleBackend(world / "kb.json", j.noise)
+        return judging.OracleBackend(oracle_kb(j.world, run_dir, "judge", "judge.world"), j.noise)
     from sipt.engines import make_engine
 
     templates = {o: judging.load_template(o, j.templates.get(o, "")) for o in j.objectives}
@@ -102,10 +102,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     if "rewrite" in j.candidates:
         inputs["rewrite"] = f"iter-{iteration:03d}/rewrite"
     if j.engine == "oracle":
-        world = Path(j.world) if j.world else run_dir / "world"
-        if not (world / "kb.json").exists():
-            raise SiptError(f"{world}/kb.json: the oracle judge needs the toy world; run `sipt world` or set judge.world")
-        inputs["world"] = artifacts.files_ref([world / "kb.json"])
+        inputs["world"] = artifacts.files_ref([oracle_kb(j.world, run_dir, "judge", "judge.world")])
     stage = artifacts.Stage(
         run_dir=run_dir, name="judge", out=artifacts.stage_dir(run_dir, "judge", iteration),
         config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,

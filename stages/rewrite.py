@@ -20,6 +20,7 @@ from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.progress import progress_bar
 from sipt.samples import derive_seed, iteration_samples
+from sipt.world import oracle_kb
 
 SCHEMA = pa.schema(
     [
@@ -75,12 +76,10 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     run_dir = Path(run_dir)
     rw = cfg.rewrite
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
-    world = Path(rw.world) if rw.world else run_dir / "world"
     inputs = {"samples": "samples"}
     if rw.engine == "oracle":
-        if not (world / "kb.json").exists():
-            raise SiptError(f"{world}/kb.json: the oracle rewriter needs the toy world; run `sipt world` or set rewrite.world")
-        inputs["world"] = artifacts.files_ref([world / "kb.json"])
+        kb = oracle_kb(rw.world, run_dir, "rewriter", "rewrite.world")
+        inputs["world"] = artifacts.files_ref([kb])
     elif not rw.model:
         raise SiptError("rewrite.model is empty: name the rewriter model (a folder, or the served name for openai)")
     stage = artifacts.Stage(
@@ -103,7 +102,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         if todo and rw.engine == "oracle":
             from sipt.oracle import OracleRewriter
 
-            rewriter = OracleRewriter(world / "kb.json")
+            rewriter = OracleRewriter(kb)
         elif todo:
             engine = make_engine(rw)
             template = load_template(rw.template)
