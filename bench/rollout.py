@@ -33,22 +33,13 @@ PREFIXES, N, NEW_TOKENS = 64, 16, 128
 def prepare(work: Path) -> Path:
     """A tiny policy and 64 samples (128-token suffixes) in a run folder."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from shard import make_corpus
+    from shard import prepare_run
 
-    from sipt import config as config_mod
-    from stages import init, shard
-
-    corpus = work / "corpus.jsonl"
-    make_corpus(corpus, 400)
-    run = work / "run"
-    cfg = config_mod.resolve(run, overrides={
-        "data.inputs": [str(corpus)], "data.id_column": "doc_id", "data.suffix_tokens": NEW_TOKENS,
-        "data.max_prefix_tokens": 256, "run.prompts_per_iter": PREFIXES, "rollout.n": N,
-        "rollout.prompts_per_part": PREFIXES, "rollout.stop_at_eos": False, "rollout.batch_size": 256,
-        "rollout.max_model_len": 1024,
+    run, _ = prepare_run(work, {
+        "data.suffix_tokens": NEW_TOKENS, "data.max_prefix_tokens": 256, "run.prompts_per_iter": PREFIXES,
+        "rollout.n": N, "rollout.prompts_per_part": PREFIXES, "rollout.stop_at_eos": False,
+        "rollout.batch_size": 256, "rollout.max_model_len": 1024,
     })
-    init.run(run, cfg)
-    shard.run(run, cfg, show_progress=False)
     return run
 
 

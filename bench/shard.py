@@ -41,6 +41,17 @@ def make_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
             fh.write(json.dumps({"doc_id": f"d{i}", "text": text}) + "\n")
 
 
+def prepare_run(work: Path, overrides: dict, n_docs: int = 400):
+    """A run folder with a generated corpus, a tiny policy (`sipt init`) and its samples (`sipt shard`)."""
+    corpus = work / "corpus.jsonl"
+    make_corpus(corpus, n_docs)
+    run = work / "run"
+    cfg = config_mod.resolve(run, overrides={"data.inputs": [str(corpus)], "data.id_column": "doc_id", **overrides})
+    init.run(run, cfg)
+    shard.run(run, cfg, show_progress=False)
+    return run, cfg
+
+
 def best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):

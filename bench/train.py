@@ -31,24 +31,15 @@ PAIRS, BATCH, STEPS = 128, 16, 8
 
 def prepare(work: Path) -> Path:
     sys.path.insert(0, str(ROOT / "bench"))
-    import pyarrow as pa
-    from shard import make_corpus
+    from shard import prepare_run
 
-    from sipt import artifacts
-    from sipt import config as config_mod
-    from stages import init, rollout, shard
+    from stages import rollout
 
-    corpus = work / "corpus.jsonl"
-    make_corpus(corpus, 400)
-    run = work / "run"
-    cfg = config_mod.resolve(run, overrides={
-        "data.inputs": [str(corpus)], "data.id_column": "doc_id", "data.suffix_tokens": 64,
-        "data.max_prefix_tokens": 128, "run.prompts_per_iter": PAIRS,
-        "rollout.prompts_per_part": PAIRS, "rollout.n": 2, "train.batch_size": BATCH, "train.micro_batch_size": BATCH,
-        "train.lr": 1e-5, "train.warmup_steps": 0, "train.checkpoint_every": 0,
+    run, cfg = prepare_run(work, {
+        "data.suffix_tokens": 64, "data.max_prefix_tokens": 128, "run.prompts_per_iter": PAIRS,
+        "rollout.prompts_per_part": PAIRS, "rollout.n": 2, "train.batch_size": BATCH,
+        "train.micro_batch_size": BATCH, "train.lr": 1e-5, "train.warmup_steps": 0, "train.checkpoint_every": 0,
     })
-    init.run(run, cfg)
-    shard.run(run, cfg, show_progress=False)
     rollout.run(run, cfg, 0, show_progress=False)
     write_pairs(run, "suffix-vs-rollout")
     return run
