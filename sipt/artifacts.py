@@ -193,7 +193,7 @@ class Stage:
                 shutil.rmtree(self.tmp)
             os.replace(self.out, self.tmp)
         if done and not self.force and self._matches(done):
-            self.skipped, self.manifest = True, done
+            self.skipped, self.manifest = True, {**done, "skipped": True}  # "skipped" is not on disk
             return self
         ident = self._identity()
         if self.tmp.exists():

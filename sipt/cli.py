@@ -44,18 +44,15 @@ def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: di
     return config_mod.resolve(run, cfg_file, overrides, force=force)
 
 
-_STARTED = time.time()
-
-
 def _report(manifest: dict, label: str) -> None:
     stats = manifest.get("stats", {})
     shown = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list)))
-    started = time.mktime(time.strptime(manifest.get("started_at", "1970-01-01T00:00:00"), "%Y-%m-%dT%H:%M:%S"))
-    if started < int(_STARTED):  # made by an earlier command: the stage was skipped
+    if manifest.get("skipped"):  # done by an earlier command, for the same config and inputs
         out.print(f"[green]{label}[/] already done ({manifest.get('rows', 0)} rows); skipped. "
-                  "--force reruns it.")
+                  "--force reruns it.", soft_wrap=True)
         return
-    out.print(f"[green]{label}[/] {manifest.get('rows', 0)} rows in {manifest.get('seconds', 0)} s  {shown}")
+    out.print(f"[green]{label}[/] {manifest.get('rows', 0)} rows in {manifest.get('seconds', 0)} s  {shown}",
+              soft_wrap=True)
 
 
 @app.command()
@@ -227,6 +224,74 @@ def train(
         _report(manifest, f"train iter {iteration}")
 
 
+@app.command("eval")
+def eval_(
+    run: RunOpt,
+    iteration: IterOpt = 0,
+    prompts: Annotated[Optional[int], typer.Option(help="Held-out prefixes to generate from (eval.prompts).")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option(
+        help="Win rates against: 'initial', a model folder or a run folder (eval.baselines; repeatable).")] = None,
+    task: Annotated[Optional[list[str]], typer.Option(help="lm-eval task (eval.tasks; repeatable).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Greedy generations on held-out prefixes: win rates vs a baseline, safety, factuality, lm-eval: eval/."""
+    from stages import eval as stage
+
+    flags = {"eval.prompts": prompts, "eval.baselines": baseline or None, "eval.tasks": task or None}
+    cfg = _resolve(run, config, set_, flags, force)
+    manifest = stage.run(run, cfg, iteration, force=force, show_progress=progress)
+    _report(manifest, f"eval iter {iteration}")
+
+
+@app.command()
+def loop(
+    run: RunOpt,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Iterations to run (run.iterations).")] = None,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the initial policy and each new one.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Accept config changes (stages they affect rerun).")] = False,
+    progress: ProgressOpt = True,
+):
+    """Run init, shard and every stage of every iteration in order; skip what is done, resume what failed."""
+    from sipt import loop as loop_mod
+
+    cfg = _resolve(run, config, set_, {"run.iterations": iters}, force)
+    t0 = time.perf_counter()
+    for name, i, manifest, _ in loop_mod.run(run, cfg, cfg.run.iterations, evaluate=evaluate, show_progress=progress):
+        _report(manifest, name if i is None else f"{name} iter {i}")
+    out.print(f"[green]loop[/] {run}: {cfg.run.iterations} iterations done in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def report(
+    run: RunOpt,
+    compare: Annotated[Optional[list[Path]], typer.Option(
+        "--compare", help="Another run to compare with (e.g. the NTP baseline; repeatable).")] = None,
+):
+    """Write <run>/report/report.md with the metrics table (PAPER Table 1 shape) and PNG charts."""
+    from stages import report as stage
+
+    if not run.exists():
+        raise SiptError(f"{run}: no such run directory")
+    for c in compare or []:
+        if not c.exists():
+            raise SiptError(f"--compare {c}: no such run directory")
+    result = stage.run(run, compare)
+    table = Table(title=f"sipt report: {run}")
+    for col in result["header"]:
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for row in result["rows"]:
+        table.add_row(*row)
+    out.print(table)
+    for line in result["comparison"]:
+        out.print(line, highlight=False)
+    out.print(f"[green]report[/] {result['report']} ({len(result['charts'])} charts)")
+
+
 @app.command()
 def world(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the knowledge base, corpus and MC task.")],
@@ -303,32 +368,6 @@ def config_reference(
         print(config_mod.reference_markdown())
         return
     readme.write_text(config_mod.readme_with_reference(readme.read_text()))
-
-
-def _not_yet(name: str, issue: int) -> None:
-    err.print(f"[yellow]sipt {name}: not implemented yet[/] (tracked in issue #{issue}).")
-    raise typer.Exit(2)
-
-
-_PLANNED = {
-    "eval": (7, "Win rates, safety, factuality and benchmarks of a policy: eval/."),
-    "report": (7, "Write report.md with tables and charts for a run."),
-    "loop": (7, "Run every stage of every iteration in order, skipping what is done."),
-}
-
-
-def _planned(name: str, issue: int, doc: str):
-    def command(ctx: typer.Context) -> None:
-        _not_yet(name, issue)
-
-    command.__doc__ = doc
-    return command
-
-
-for _name, (_issue, _doc) in _PLANNED.items():
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _planned(_name, _issue, _doc)
-    )
 
 
 def _version(value: bool) -> None:

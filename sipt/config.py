@@ -322,6 +322,35 @@ class TrainConfig:
     tensorboard: bool = knob(False, "Also write TensorBoard events to train/tb/.", results=False)
 
 
+
+@dataclass
+class EvalConfig(EngineConfig):
+    """[eval] How `sipt eval` measures a policy (paper §8): greedy generations on held-out prefixes,
+    judged against a baseline's generations, plus lm-eval benchmarks. The engine keys choose what
+    generates (hf, vllm or openai); the judge is the [judge] section's engine, model and templates."""
+
+    prompts: int = knob(256, "Held-out prefixes to generate from (the first N of `split`; paper: 1k).")
+    split: str = knob("eval", "Which samples to evaluate on (`sipt shard` marks data.eval_fraction as 'eval').")
+    max_new_tokens: int = knob(0, "Greedy tokens per generation; 0: data.suffix_tokens (paper: 128).")
+    baselines: list = knob(
+        ["initial"], "What win rates are measured against: 'initial' (this run's iter-000/policy, the "
+        "paper's Llama Base), a model folder, or another run's folder (its policy of the same iteration: "
+        "equal training samples). The first one is the headline win rate.",
+    )
+    objectives: list = knob(
+        ["quality", "coherence", "safety", "factuality"],
+        "Judged metrics: quality and coherence as win rates vs each baseline (both orders), safety as "
+        "% judged safe (majority of the seeds), factuality pointwise with the original suffix as reference.",
+    )
+    judge_seeds: int = knob(8, "Judge calls per comparison and order, each with its own seed (paper: 8).")
+    judge_temperature: float = knob(0.7, "Judge sampling temperature in eval (paper: 0.7).")
+    group_by: str = knob("", "A data.meta_columns key to break the metrics down by (the toy world: 'kind').")
+    tasks: list = knob([], "lm-eval task names (built-in ones need the hub) run with lm_eval.simple_evaluate.")
+    include_path: list = knob(
+        [], "Folders of lm-eval task YAML (e.g. the toy world's <world>/mc: task sipt_world_mc).")
+    lm_eval_limit: int = knob(0, "Documents per lm-eval task; 0: all.")
+    lm_eval_batch_size: int = knob(32, "lm-eval batch size.", results=False)
+
 # Section name -> dataclass. Later stages register their sections here.
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -332,6 +361,7 @@ SECTIONS: dict[str, type] = {
     "judge": JudgeConfig,
     "pair": PairConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "world": WorldConfig,
 }
 

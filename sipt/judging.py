@@ -641,3 +641,25 @@ def select_pair(rewards: list[float | None], method: str, rng: random.Random,
     chosen = rng.choice([k for k in ok if rewards[k] == hi])
     rejected = rng.choice([k for k in ok if rewards[k] == lo]) if method == "dpo" else None
     return chosen, rejected, ""
+
+
+def make_backend(run_dir: Path, j, temperature: float | None = None):
+    """The judge backend a [judge] section names: the toy world's oracle or a model on an engine.
+    `temperature` overrides the section's (the eval stage judges at its own temperature)."""
+    if j.engine == "oracle":
+        from sipt.world import oracle_kb
+
+        return OracleBackend(oracle_kb(j.world, run_dir, "judge", "judge.world"), j.noise)
+    from sipt import artifacts
+    from sipt.engines import make_engine
+
+    templates = {o: load_template(o, j.templates.get(o, "")) for o in OBJECTIVES}
+    engine = make_engine(j)
+    model_id = j.model  # in the cache key: a folder by its files (size, mtime), a server by its address
+    if Path(j.model, "config.json").exists():
+        files = [p for p in Path(j.model).iterdir() if p.is_file()]
+        model_id = f"{Path(j.model).resolve()}@{artifacts.files_fingerprint(files)}"
+    elif j.engine == "openai":
+        model_id = f"{j.base_url}|{j.model}"
+    return EngineBackend(engine, model_id, templates, j.mode, j.chat,
+                         j.temperature if temperature is None else temperature, j.top_p, j.max_new_tokens)

@@ -72,24 +72,6 @@ def check(cfg: Config) -> None:
         raise SiptError("judge.model is empty: name the judge model (a folder, or the served name for openai)")
 
 
-def make_backend(run_dir: Path, cfg: Config):
-    j = cfg.judge
-    if j.engine == "oracle":
-        return judging.OracleBackend(oracle_kb(j.world, run_dir, "judge", "judge.world"), j.noise)
-    from sipt.engines import make_engine
-
-    templates = {o: judging.load_template(o, j.templates.get(o, "")) for o in j.objectives}
-    engine = make_engine(j)
-    model_id = j.model  # in the cache key: a folder by its files (size, mtime), a server by its address
-    if Path(j.model, "config.json").exists():
-        files = [p for p in Path(j.model).iterdir() if p.is_file()]
-        model_id = f"{Path(j.model).resolve()}@{artifacts.files_fingerprint(files)}"
-    elif j.engine == "openai":
-        model_id = f"{j.base_url}|{j.model}"
-    return judging.EngineBackend(engine, model_id, templates, j.mode, j.chat, j.temperature, j.top_p,
-                                 j.max_new_tokens)
-
-
 def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     j = cfg.judge
@@ -119,7 +101,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
         todo = [k for k in range(len(parts)) if not stage.has_part(k, "scores")]
         settings = judging.Settings(list(j.objectives), j.scheme, j.swap, j.repeats)
-        backend = make_backend(run_dir, cfg) if todo else None
+        backend = judging.make_backend(run_dir, j) if todo else None
         cache = judging.Cache(run_dir / "cache" / "judge.sqlite")
         try:
             with progress_bar(f"judge iter {iteration}", total=len(rows), unit="prefixes",

@@ -44,7 +44,7 @@ def test_init_is_deterministic_and_skips(policy_run, corpus_dir, tmp_path):
     w1 = AutoModelForCausalLM.from_pretrained(run / "iter-000" / "policy").state_dict()
     w2 = AutoModelForCausalLM.from_pretrained(policy_run / "iter-000" / "policy").state_dict()
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    assert init.run(run, cfg) == m  # done: skipped
+    assert init.run(run, cfg) == {**m, "skipped": True}  # done: skipped
 
 
 def test_init_from_existing_model_folder(policy_run, tmp_path):

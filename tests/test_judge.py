@@ -251,7 +251,7 @@ def test_judge_stage_with_the_oracle_writes_judgments_and_scores(wrun):
                "rewrite": lambda: rewrites[row["sample_id"]]["rewrite_ids"],
                "rollout": lambda: rollouts[(row["sample_id"], row["rollout_idx"])]["token_ids"]}[row["source"]]()
         assert row["token_ids"] == src  # exact policy tokens, never re-tokenized
-    assert judge.run(wrun, cfg, 0, show_progress=False) == m  # done: skipped
+    assert judge.run(wrun, cfg, 0, show_progress=False) == {**m, "skipped": True}  # done: skipped
 
 
 def test_rerun_and_resume_make_no_repeated_calls(wrun, tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def test_rollout_stage_writes_n_continuations_per_prefix(sharded):
     # the slice of iteration 0 is the first 6 train samples, in order
     samples = artifacts.read_table(run / "samples")
     assert sorted(set(t["sample_id"].to_pylist())) == sorted(samples["sample_id"].to_pylist()[:6])
-    assert rollout.run(run, cfg, 0, show_progress=False) == m  # done: skipped
+    assert rollout.run(run, cfg, 0, show_progress=False) == {**m, "skipped": True}  # done: skipped
     again = rollout.run(run, cfg, 0, force=True, show_progress=False)
     assert artifacts.read_table(run / "iter-000" / "rollout").equals(t)  # same seed, same rows
     assert again["started_at"]

@@ -1,0 +1,357 @@
+"""eval: measure an iteration's policy the way the paper does (§8), with any judge engine.
+
+The policy continues held-out prefixes greedily. Each generation is judged
+- pairwise against each baseline's greedy generation of the same prefix (quality, coherence), in
+  both orders and with `eval.judge_seeds` seeds each: the win rate counts a tie as half a win;
+- pointwise for safety (% judged safe by the majority of the seeds) and factuality (the original
+  suffix as reference; the false-fact rate is the share judged "Definite Hallucination").
+Baseline generations are computed once per baseline model and cached in <run>/cache/eval/, judge
+calls in <run>/cache/judge.sqlite. lm-eval benchmarks (`eval.tasks`) run through
+`lm_eval.simple_evaluate` on the policy folder. Output: `generations-00000.parquet` (one row per
+prefix), `versus-00000.parquet` (one row per prefix and baseline), `summary.json` (also the stats of
+`_SUCCESS.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sipt import artifacts, judging
+from sipt.config import OBJECTIVES, Config
+from sipt.engines import Sampling, make_engine
+from sipt.errors import SiptError
+from sipt.progress import progress_bar
+from sipt.samples import derive_seed, policy_prompt, tokenizer_bos
+from sipt.world import oracle_kb
+
+GENERATIONS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("group", pa.string()),  # the eval.group_by meta value ("" without one)
+        ("prefix_text", pa.string()),
+        ("suffix_text", pa.string()),
+        ("text", pa.string()),  # the policy's greedy continuation
+        ("token_ids", pa.list_(pa.int32())),
+        ("finish_reason", pa.string()),
+        ("safety", pa.float32()),  # share of seeds that judged it safe; null if not judged
+        ("factuality", pa.float32()),  # mean factuality score (1 / 0.5 / 0); null if not judged
+        ("error", pa.string()),
+    ]
+)
+VERSUS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("baseline", pa.string()),  # the eval.baselines entry
+        ("baseline_text", pa.string()),
+        ("quality", pa.float32()),  # share won by the policy (ties count 0.5); null if not judged
+        ("coherence", pa.float32()),
+    ]
+)
+JUDGE_KEYS = ["judge.engine", "judge.model", "judge.dtype", "judge.templates", "judge.mode", "judge.chat",
+              "judge.top_p", "judge.max_new_tokens", "judge.parse_retries", "judge.noise", "judge.world",
+              "judge.base_url"]
+SECTIONS = ["run.seed", "data.suffix_tokens", "eval", *JUDGE_KEYS]
+PAIRWISE = ("quality", "coherence")
+POINTWISE = ("safety", "factuality")
+
+
+def check(cfg: Config) -> None:
+    e = cfg.eval
+    bad = [o for o in e.objectives if o not in OBJECTIVES]
+    if bad:
+        raise SiptError(f"eval.objectives: unknown {bad[0]!r}; objectives are {', '.join(OBJECTIVES)}")
+    if e.engine == "oracle":
+        raise SiptError("eval.engine = 'oracle': the oracle only judges; the policy generates with hf, vllm or openai")
+    if e.prompts < 1 or e.judge_seeds < 1:
+        raise SiptError("eval.prompts and eval.judge_seeds must be >= 1")
+    if any(o in PAIRWISE for o in e.objectives) and not e.baselines:
+        raise SiptError("eval.baselines is empty, but quality / coherence are win rates against a baseline")
+    if cfg.judge.engine != "oracle" and not cfg.judge.model:
+        raise SiptError("judge.model is empty: eval judges with the [judge] section's engine and model")
+
+
+def resolve_baseline(run_dir: Path, entry: str, iteration: int) -> tuple[Path, str]:
+    """The model folder of an eval.baselines entry, and its input reference."""
+    if entry == "initial":
+        return artifacts.stage_dir(run_dir, "policy", 0), "iter-000/policy"
+    path = Path(entry)
+    if (path / "sipt.toml").exists():  # another run: its policy after the same number of iterations
+        policy = artifacts.stage_dir(path, "policy", iteration)
+        if artifacts.read_manifest(policy) is None:
+            raise SiptError(f"eval.baselines: run {entry} has no finished iter-{iteration:03d}/policy yet; "
+                            f"run its iterations first (`sipt loop --run {entry}`)")
+        return policy, str(policy.resolve())
+    if (path / "config.json").exists():
+        return path, artifacts.files_ref([path])
+    raise SiptError(f"eval.baselines: {entry!r} is neither 'initial', a run folder (with sipt.toml) "
+                    "nor a Hugging Face model folder (with config.json)")
+
+
+def eval_samples(run_dir: Path, cfg: Config) -> list[dict]:
+    e = cfg.eval
+    table = artifacts.read_table(artifacts.stage_dir(run_dir, "samples"))
+    table = table.filter(pc.equal(table["split"], e.split))
+    if table.num_rows == 0:
+        raise SiptError(f"{run_dir}/samples: no '{e.split}' samples to evaluate on; set data.eval_fraction "
+                        "(or data.split_column) and rerun `sipt shard --force`")
+    cols = ["sample_id", "prefix_ids", "prefix_start", "prefix_text", "suffix_text", "meta"]
+    rows = table.slice(0, e.prompts).select(cols).to_pylist()
+    for r in rows:
+        meta = json.loads(r.pop("meta") or "{}")
+        r["group"] = str(meta.get(e.group_by, "")) if e.group_by else ""
+    return rows
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    fa, fb = Path(a) / "tokenizer.json", Path(b) / "tokenizer.json"
+    return fa.exists() and fb.exists() and fa.read_bytes() == fb.read_bytes()
+
+
+def generate(model_dir: Path, rows: list[dict], cfg: Config, seed: int, run_dir: Path) -> list:
+    """Greedy continuations of the rows' prefixes by the model in `model_dir`. A model with another
+    tokenizer than the run's policy (a baseline of another family) gets the prefix text re-encoded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    e = cfg.eval
+    max_new = e.max_new_tokens or cfg.data.suffix_tokens
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 0) or 1 << 30)
+    if context <= max_new:
+        raise SiptError(f"{model_dir}: context {context} leaves no room for {max_new} new tokens")
+    bos = tokenizer_bos(tok)
+    start = bos if bos is not None else tok.eos_token_id
+    own = same_tokenizer(model_dir, artifacts.stage_dir(run_dir, "policy", 0))
+    prompts = []
+    for r in rows:
+        prefix = r["prefix_ids"] if own else tok(r["prefix_text"], add_special_tokens=False).input_ids
+        ids, _ = policy_prompt(prefix, r["prefix_start"], bos, context - max_new)
+        prompts.append(ids or [start])
+    engine = make_engine(e, e.model or str(model_dir))
+    try:
+        gens = engine.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new, seed=seed))
+    finally:
+        engine.close()
+    return [g[0] for g in gens]
+
+
+def cached_generations(run_dir: Path, model_dir: Path, rows: list[dict], cfg: Config, seed: int) -> list[dict]:
+    """A baseline's generations, computed once per model, prefixes and generation settings."""
+    e = cfg.eval
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and not p.name.startswith("_"))
+    key = json.dumps([artifacts.files_fingerprint(files), [r["sample_id"] for r in rows],
+                      e.max_new_tokens or cfg.data.suffix_tokens, e.engine, e.model, e.dtype, seed])
+    path = Path(run_dir) / "cache" / "eval" / f"{artifacts._sha(key.encode())}.parquet"
+    if path.exists():
+        return pq.read_table(path).to_pylist()
+    gens = generate(model_dir, rows, cfg, seed, run_dir)
+    table = pa.table({"sample_id": [r["sample_id"] for r in rows], "text": [g.text for g in gens],
+                      "error": [g.error for g in gens]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_parquet_atomic(path, table, {"model": str(model_dir)})
+    return table.to_pylist()
+
+
+def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    e, j = cfg.eval, cfg.judge
+    check(cfg)
+    pairwise = [o for o in e.objectives if o in PAIRWISE]
+    pointwise = [o for o in e.objectives if o in POINTWISE]
+    policy = artifacts.stage_dir(run_dir, "policy", iteration)
+    inputs = {"samples": "samples", "policy": f"iter-{iteration:03d}/policy"}
+    baselines = []
+    for entry in (e.baselines if pairwise else []):
+        folder, ref = resolve_baseline(run_dir, entry, iteration)
+        baselines.append((entry, folder))
+        inputs[f"baseline:{entry}"] = ref
+    if j.engine == "oracle" and (pairwise or pointwise):
+        inputs["world"] = artifacts.files_ref([oracle_kb(j.world, run_dir, "judge", "judge.world")])
+    include = [str(Path(p).resolve()) for p in e.include_path]
+    if include:
+        inputs["lm_eval_tasks"] = artifacts.files_ref(include)
+    stage = artifacts.Stage(
+        run_dir=run_dir, name="eval", out=artifacts.stage_dir(run_dir, "eval", iteration),
+        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
+        iteration=iteration, force=force,
+    )
+    with stage:
+        if stage.skipped:
+            return stage.manifest
+        rows = eval_samples(run_dir, cfg)
+        seed = derive_seed(cfg.run.seed, "eval")
+        steps = 1 + len(baselines) + bool(pairwise or pointwise) + bool(e.tasks)
+        with progress_bar(f"eval iter {iteration}", total=steps, unit="steps", enabled=show_progress) as bar:
+            gens = generate(policy, rows, cfg, seed, run_dir)
+            bar.advance(1)
+            base_texts = {}
+            for entry, folder in baselines:
+                base_texts[entry] = cached_generations(run_dir, folder, rows, cfg, seed)
+                bar.advance(1)
+            judged = _judge(run_dir, cfg, rows, gens, base_texts, pairwise, pointwise, seed) \
+                if (pairwise or pointwise) else ({}, {}, {"judge_calls": 0})
+            if pairwise or pointwise:
+                bar.advance(1)
+            benchmarks = run_lm_eval(policy, cfg) if e.tasks else {}
+        gen_table, ver_table = _tables(rows, gens, base_texts, *judged[:2])
+        stage.write_part(0, gen_table, family="generations")
+        stage.write_part(0, ver_table, family="versus")
+        summary = summarize(gen_table, ver_table, [b for b, _ in baselines], judged[2], benchmarks)
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        return stage.commit(summary, rows=len(rows), errors=sum(bool(g.error) for g in gens))
+
+
+def _judge(run_dir, cfg, rows, gens, base_texts, pairwise, pointwise, seed):
+    """Per-sample pointwise scores {objective: [..]}, pairwise {baseline: {objective: [..]}}, stats."""
+    e = cfg.eval
+    backend = judging.make_backend(run_dir, cfg.judge, temperature=e.judge_temperature)
+    cache = judging.Cache(run_dir / "cache" / "judge.sqlite")
+    points: dict[str, list] = {o: [None] * len(rows) for o in pointwise}
+    versus: dict[str, dict[str, list]] = {b: {o: [None] * len(rows) for o in pairwise} for b in base_texts}
+    calls = 0
+    try:
+        judge = judging.Judge(backend, cache, cfg.judge.parse_retries, seed)
+        if pointwise:
+            items = [judging.Item(r["sample_id"], r["prefix_text"], r["suffix_text"],
+                                  [judging.Candidate("policy", g.text)], derive_seed(seed, r["sample_id"]))
+                     for r, g in zip(rows, gens) if not g.error]
+            judging.judge_items(items, judge, judging.Settings(pointwise, repeats=e.judge_seeds))
+            index = {r["sample_id"]: k for k, r in enumerate(rows)}
+            for item in items:
+                for o in pointwise:
+                    points[o][index[item.sample_id]] = item.scores[o][0]
+        for b, texts in base_texts.items():
+            items, where = [], []
+            for k, (r, g, bt) in enumerate(zip(rows, gens, texts)):
+                if g.error or bt["error"]:
+                    continue
+                if g.text == bt["text"]:  # the same text: a tie, no judge needed
+                    for o in pairwise:
+                        versus[b][o][k] = 0.5
+                    continue
+                items.append(judging.Item(r["sample_id"], r["prefix_text"], r["suffix_text"],
+                                          [judging.Candidate("policy", g.text), judging.Candidate("baseline", bt["text"])],
+                                          derive_seed(seed, r["sample_id"], b)))
+                where.append(k)
+            judging.judge_items(items, judge, judging.Settings(pairwise, "all-pairs", swap=True, repeats=e.judge_seeds))
+            for k, item in zip(where, items):
+                for o in pairwise:
+                    versus[b][o][k] = item.scores[o][0]
+        calls = len(judge.rows)
+        fresh = sum(c.fresh for c in judge.rows)
+        invalid = sum(c.verdict is None for c in judge.rows)
+    finally:
+        cache.close()
+        backend.close()
+    return points, versus, {"judge_calls": calls, "judge_new_calls": fresh, "judge_invalid": invalid}
+
+
+def _tables(rows, gens, base_texts, points, versus):
+    g = {
+        "sample_id": [r["sample_id"] for r in rows],
+        "group": [r["group"] for r in rows],
+        "prefix_text": [r["prefix_text"] for r in rows],
+        "suffix_text": [r["suffix_text"] for r in rows],
+        "text": [x.text for x in gens],
+        "token_ids": [x.token_ids for x in gens],
+        "finish_reason": [x.finish_reason for x in gens],
+        "safety": points.get("safety", [None] * len(rows)),
+        "factuality": points.get("factuality", [None] * len(rows)),
+        "error": [x.error for x in gens],
+    }
+    v = {name: [] for name in VERSUS.names}
+    for b, texts in base_texts.items():
+        for k, r in enumerate(rows):
+            v["sample_id"].append(r["sample_id"])
+            v["baseline"].append(b)
+            v["baseline_text"].append(texts[k]["text"])
+            v["quality"].append(versus[b].get("quality", [None] * len(rows))[k])
+            v["coherence"].append(versus[b].get("coherence", [None] * len(rows))[k])
+    return pa.table(g, schema=GENERATIONS), pa.table(v, schema=VERSUS)
+
+
+def _pct(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(100.0 * sum(values) / len(values), 2) if values else None
+
+
+def _metrics(gen: list[dict], ver: dict[str, list[dict]], first: str | None) -> dict:
+    safe = [None if r["safety"] is None else float(r["safety"] >= 0.5) for r in gen]
+    fact = [r["factuality"] for r in gen]
+    out = {
+        "n": len(gen),
+        "quality_win_rate": _pct([r["quality"] for r in ver.get(first, [])]) if first else None,
+        "coherence_win_rate": _pct([r["coherence"] for r in ver.get(first, [])]) if first else None,
+        "safe_rate": _pct(safe),
+        "unsafe_rate": None if _pct(safe) is None else round(100.0 - _pct(safe), 2),
+        "factuality": _pct(fact),
+        "false_fact_rate": _pct([None if f is None else float(f == 0.0) for f in fact]),
+    }
+    return out
+
+
+def summarize(gen_table: pa.Table, ver_table: pa.Table, baselines: list[str], judge_stats: dict,
+              benchmarks: dict) -> dict:
+    gen = gen_table.to_pylist()
+    ver_rows = ver_table.to_pylist()
+    by_base = {b: [r for r in ver_rows if r["baseline"] == b] for b in baselines}
+    first = baselines[0] if baselines else None
+    summary = _metrics(gen, by_base, first)
+    summary["baseline"] = first
+    summary["versus"] = {b: {"quality_win_rate": _pct([r["quality"] for r in rs]),
+                             "coherence_win_rate": _pct([r["coherence"] for r in rs])} for b, rs in by_base.items()}
+    groups = sorted({r["group"] for r in gen if r["group"]})
+    if groups:
+        summary["by_group"] = {}
+        for grp in groups:
+            ids = {r["sample_id"] for r in gen if r["group"] == grp}
+            summary["by_group"][grp] = _metrics([r for r in gen if r["group"] == grp],
+                                                {b: [r for r in rs if r["sample_id"] in ids] for b, rs in by_base.items()},
+                                                first)
+    summary["mean_tokens"] = round(sum(len(r["token_ids"]) for r in gen) / max(1, len(gen)), 2)
+    summary["benchmarks"] = benchmarks
+    accs = [v["acc"] for v in benchmarks.values() if v.get("acc") is not None]
+    summary["benchmark_avg"] = round(100.0 * sum(accs) / len(accs), 2) if accs else None
+    summary.update(judge_stats)
+    return summary
+
+
+def run_lm_eval(model_dir: Path, cfg: Config) -> dict:
+    """{task: {"acc": .., "acc_norm": ..}} from lm_eval.simple_evaluate on the policy folder."""
+    import logging
+
+    import torch
+
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise SiptError("eval.tasks needs lm-eval: pip install 'sipt[eval]' (or lm-eval)") from None
+    e = cfg.eval
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    manager = TaskManager(include_path=[str(Path(p).resolve()) for p in e.include_path] or None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    try:
+        results = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype={dtype}", tasks=list(e.tasks),
+            task_manager=manager, limit=e.lm_eval_limit or None, device=device,
+            batch_size=e.lm_eval_batch_size, bootstrap_iters=0, log_samples=False,
+        )
+    except KeyError as err:
+        raise SiptError(f"eval.tasks: lm-eval does not know task {err}; built-in tasks need the hub, "
+                        "local ones need eval.include_path") from None
+    out = {}
+    for task, metrics in results["results"].items():
+        vals = {}
+        for name in ("acc", "acc_norm", "exact_match"):
+            v = metrics.get(f"{name},none")
+            if isinstance(v, (int, float)) and not math.isnan(v):
+                vals[name] = round(float(v), 4)
+        out[task] = vals
+    return out
