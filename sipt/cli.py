@@ -384,6 +384,10 @@ def _main(
 
 
 def main() -> None:
+    import os
+
+    # sipt draws its own progress bars; the per-file ones of transformers and the hub only add noise
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except SiptError as e:
