@@ -36,6 +36,10 @@ SetOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if done; accept config changes.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    "--executor", help="local or ray: who processes the parts (run.executor).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Parallel workers, each with its own engine (run.workers).")]
 
 
 def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: dict[str, Any], force: bool):
@@ -117,6 +121,8 @@ def rollout(
     engine: EngineOpt = None,
     temperature: Annotated[Optional[float], typer.Option(help="rollout.temperature")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="rollout.top_p")] = None,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -125,7 +131,8 @@ def rollout(
     """Sample N continuations of each prefix from the iteration's policy: rollout/."""
     from stages import rollout as stage
 
-    flags = {"rollout.n": n, "rollout.engine": engine, "rollout.temperature": temperature, "rollout.top_p": top_p}
+    flags = {"rollout.n": n, "rollout.engine": engine, "rollout.temperature": temperature, "rollout.top_p": top_p,
+             "run.executor": executor, "run.workers": workers}
     cfg = _resolve(run, config, set_, flags, force)
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rollout iter {iteration}")
 
@@ -136,6 +143,8 @@ def rewrite(
     iteration: IterOpt = 0,
     engine: Annotated[Optional[str], typer.Option("--engine", help="oracle, hf, vllm or openai.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Rewriter model folder or served name (rewrite.model).")] = None,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -144,7 +153,8 @@ def rewrite(
     """Rewrite each suffix of the iteration's slice with the teacher (paper §5): rewrite/."""
     from stages import rewrite as stage
 
-    cfg = _resolve(run, config, set_, {"rewrite.engine": engine, "rewrite.model": model}, force)
+    cfg = _resolve(run, config, set_, {"rewrite.engine": engine, "rewrite.model": model, "run.executor": executor,
+                                       "run.workers": workers}, force)
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rewrite iter {iteration}")
 
 
@@ -156,6 +166,8 @@ def judge(
     model: Annotated[Optional[str], typer.Option(help="Judge model folder or served name (judge.model).")] = None,
     scheme: Annotated[Optional[str], typer.Option(help="all-pairs, pivot or knockout (judge.scheme).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="generate or logprob (judge.mode).")] = None,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -164,7 +176,8 @@ def judge(
     """Judge the suffix, rewrite and rollouts of each prefix (paper §6): judge/judgments-*, judge/scores-*."""
     from stages import judge as stage
 
-    flags = {"judge.engine": engine, "judge.model": model, "judge.scheme": scheme, "judge.mode": mode}
+    flags = {"judge.engine": engine, "judge.model": model, "judge.scheme": scheme, "judge.mode": mode,
+             "run.executor": executor, "run.workers": workers}
     cfg = _resolve(run, config, set_, flags, force)
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"judge iter {iteration}")
 
@@ -251,6 +264,8 @@ def loop(
     run: RunOpt,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Iterations to run (run.iterations).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the initial policy and each new one.")] = True,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Accept config changes (stages they affect rerun).")] = False,
@@ -259,7 +274,7 @@ def loop(
     """Run init, shard and every stage of every iteration in order; skip what is done, resume what failed."""
     from sipt import loop as loop_mod
 
-    cfg = _resolve(run, config, set_, {"run.iterations": iters}, force)
+    cfg = _resolve(run, config, set_, {"run.iterations": iters, "run.executor": executor, "run.workers": workers}, force)
     t0 = time.perf_counter()
     for name, i, manifest, _ in loop_mod.run(run, cfg, cfg.run.iterations, evaluate=evaluate, show_progress=progress):
         _report(manifest, name if i is None else f"{name} iter {i}")

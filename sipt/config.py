@@ -41,6 +41,16 @@ class RunConfig:
         "Prefixes per iteration: iteration i takes the next slice of the train samples (wrapping "
         "around). Rollout, rewrite and judge all work on this slice.",
     )
+    executor: str = knob(
+        "local", "Who processes the parts of rollout, rewrite and judge: local (this machine) or ray.",
+        results=False, choices=("local", "ray"),
+    )
+    workers: int = knob(
+        1, "Parallel workers, each holding one engine: local processes, or Ray actors with executor = ray.",
+        results=False,
+    )
+    ray_address: str = knob("", "Ray cluster address (e.g. ray://head:10001); empty: start a local Ray.", results=False)
+    worker_gpus: float = knob(0.0, "GPUs per Ray worker (1: one vLLM engine per GPU).", results=False)
 
 
 @dataclass

@@ -10,6 +10,7 @@ per candidate). Judge calls are cached in <run>/cache/judge.sqlite, so a rerun m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pyarrow as pa
 from sipt import artifacts, judging
 from sipt.config import CANDIDATES, OBJECTIVES, Config
 from sipt.errors import SiptError
-from sipt.progress import progress_bar
+from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples
 from sipt.world import oracle_kb
 
@@ -100,27 +101,10 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         per_part = cfg.rollout.prompts_per_part
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
         todo = [k for k in range(len(parts)) if not stage.has_part(k, "scores")]
-        settings = judging.Settings(list(j.objectives), j.scheme, j.swap, j.repeats)
-        backend = judging.make_backend(run_dir, j) if todo else None
-        cache = judging.Cache(run_dir / "cache" / "judge.sqlite")
-        try:
-            with progress_bar(f"judge iter {iteration}", total=len(rows), unit="prefixes",
-                              enabled=show_progress) as bar:
-                bar.advance(sum(len(parts[k]) for k in range(len(parts)) if k not in todo))
-                for k in todo:
-                    seed = derive_seed(cfg.run.seed, "judge", iteration, k)
-                    judge = judging.Judge(backend, cache, j.parse_retries, seed)
-                    items, meta = _items(parts[k], extra, j.candidates, seed)
-                    judging.judge_items(items, judge, settings)
-                    judgments, jstats = _judgments(judge.rows)
-                    scores, sstats = _scores(items, meta, j.objectives, j.weights)
-                    stage.write_part(k, judgments, jstats, family="judgments")
-                    stage.write_part(k, scores, {**sstats, **jstats}, family="scores")
-                    bar.advance(len(parts[k]))
-        finally:
-            cache.close()
-            if backend is not None:
-                backend.close()
+        job = JudgeJob(cfg, iteration, str(run_dir), parts, extra)
+        run_parts(job, todo, stage.tmp, cfg.run, label=f"judge iter {iteration}", total=len(rows),
+                  done=sum(len(parts[k]) for k in range(len(parts)) if k not in todo), unit="prefixes",
+                  show_progress=show_progress)
         stats = {k: int(v) if float(v).is_integer() else round(v, 6) for k, v in stage.collected_stats("scores").items()}
         for o in j.objectives:
             n = stats.pop(f"{o}_n", 0)
@@ -130,6 +114,42 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         stats["calls_per_prefix"] = round(stats.get("calls", 0) / max(1, stats.get("prefixes", 1)), 2)
         stats.update(engine=j.engine, scheme=j.scheme, mode=j.mode)
         return stage.commit(stats, family="scores", errors=stats.get("unscored", 0))
+
+
+@dataclass
+class JudgeJob:
+    """The judgments of one part: built here, run by any executor (sipt/executor.py). Every worker
+    shares the run's judge cache (SQLite), so no call is made twice."""
+
+    cfg: Config
+    iteration: int
+    run_dir: str
+    parts: list
+    extra: dict
+    families = ("judgments", "scores")
+
+    def open(self) -> None:
+        self.backend = judging.make_backend(Path(self.run_dir), self.cfg.judge)
+        self.cache = judging.Cache(Path(self.run_dir) / "cache" / "judge.sqlite")
+
+    def weight(self, k: int) -> int:
+        return len(self.parts[k])
+
+    def part(self, k: int):
+        j = self.cfg.judge
+        seed = derive_seed(self.cfg.run.seed, "judge", self.iteration, k)
+        judge = judging.Judge(self.backend, self.cache, j.parse_retries, seed)
+        items, meta = _items(self.parts[k], self.extra, j.candidates, seed)
+        judging.judge_items(items, judge, judging.Settings(list(j.objectives), j.scheme, j.swap, j.repeats))
+        judgments, jstats = _judgments(judge.rows)
+        scores, sstats = _scores(items, meta, j.objectives, j.weights)
+        return [("judgments", judgments, jstats), ("scores", scores, {**sstats, **jstats})]
+
+    def close(self) -> None:
+        if getattr(self, "cache", None) is not None:
+            self.cache.close()
+            self.backend.close()
+            self.cache = None
 
 
 def _candidates_by_sample(run_dir: Path, iteration: int, wanted: list[str]) -> dict[str, dict]:

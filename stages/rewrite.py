@@ -10,6 +10,7 @@ good rewriter does with a good suffix). The `oracle` engine is the toy world's e
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ from sipt import artifacts
 from sipt.config import Config
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
-from sipt.progress import progress_bar
+from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples
 from sipt.world import oracle_kb
 
@@ -71,8 +72,6 @@ def clean_answer(answer: str, ending: str) -> str:
 
 
 def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
-    from transformers import AutoTokenizer
-
     run_dir = Path(run_dir)
     rw = cfg.rewrite
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
@@ -90,50 +89,71 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     with stage:
         if stage.skipped:
             return stage.manifest
-        tok = AutoTokenizer.from_pretrained(policy)
-        n_suffix = cfg.data.suffix_tokens
         samples, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
                                        columns=["sample_id", "prefix_text", "suffix_text"])
         rows = samples.to_pylist()
         per_part = cfg.rollout.prompts_per_part
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
         todo = [k for k in range(len(parts)) if not stage.has_part(k)]
-        engine = rewriter = None
-        if todo and rw.engine == "oracle":
-            from sipt.oracle import OracleRewriter
-
-            rewriter = OracleRewriter(kb)
-        elif todo:
-            engine = make_engine(rw)
-            template = load_template(rw.template)
-        try:
-            with progress_bar(f"rewrite iter {iteration}", total=len(rows), unit="suffixes",
-                              enabled=show_progress) as bar:
-                for k in todo:
-                    part = parts[k]
-                    endings = [prefix_ending(r["prefix_text"], rw.prefix_ending_words) for r in part]
-                    if rewriter is not None:
-                        answers = [rewriter.rewrite(r["prefix_text"], r["suffix_text"]) for r in part]
-                        errors = [""] * len(part)
-                    else:
-                        prompts = [template.format(prefix_ending=e, suffix=r["suffix_text"], prefix=r["prefix_text"],
-                                                   suffix_tokens=n_suffix) for r, e in zip(part, endings)]
-                        s = Sampling(n=1, temperature=rw.temperature, top_p=rw.top_p,
-                                     max_new_tokens=rw.max_new_tokens or 2 * n_suffix,
-                                     seed=derive_seed(cfg.run.seed, "rewrite", iteration, k))
-                        gens = [g[0] for g in engine.generate_text(prompts, s, chat=rw.chat)]
-                        answers = [g.text for g in gens]
-                        errors = [g.error for g in gens]
-                    table, stats = _table(part, endings, answers, errors, tok, n_suffix, rewriter is None)
-                    stage.write_part(k, table, stats)
-                    bar.advance(len(part))
-        finally:
-            if engine is not None:
-                engine.close()
+        job = RewriteJob(cfg, iteration, str(policy), parts, str(kb) if rw.engine == "oracle" else "")
+        run_parts(job, todo, stage.tmp, cfg.run, label=f"rewrite iter {iteration}", total=len(rows),
+                  done=sum(len(parts[k]) for k in range(len(parts)) if k not in todo), unit="suffixes",
+                  show_progress=show_progress)
         stats = stage.collected_stats()
         stats = {k: int(v) for k, v in stats.items()}
         stats["copied_rate"] = round(stats.get("copied", 0) / max(1, stats.get("rewrites", 1)), 4)
         return stage.commit(stats, errors=stats.get("errors", 0))
+
+
+@dataclass
+class RewriteJob:
+    """The rewrites of one part: built here, run by any executor (sipt/executor.py)."""
+
+    cfg: Config
+    iteration: int
+    policy: str  # its tokenizer cuts rewrites to the suffix length in policy tokens
+    parts: list
+    kb: str  # the oracle's knowledge base ("" for a model rewriter)
+    families = ("part",)
+
+    def open(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(self.policy)
+        self.engine = self.rewriter = None
+        if self.kb:
+            from sipt.oracle import OracleRewriter
+
+            self.rewriter = OracleRewriter(self.kb)
+        else:
+            self.engine = make_engine(self.cfg.rewrite)
+            self.template = load_template(self.cfg.rewrite.template)
+
+    def weight(self, k: int) -> int:
+        return len(self.parts[k])
+
+    def part(self, k: int):
+        rw, part, n_suffix = self.cfg.rewrite, self.parts[k], self.cfg.data.suffix_tokens
+        endings = [prefix_ending(r["prefix_text"], rw.prefix_ending_words) for r in part]
+        if self.rewriter is not None:
+            answers = [self.rewriter.rewrite(r["prefix_text"], r["suffix_text"]) for r in part]
+            errors = [""] * len(part)
+        else:
+            prompts = [self.template.format(prefix_ending=e, suffix=r["suffix_text"], prefix=r["prefix_text"],
+                                            suffix_tokens=n_suffix) for r, e in zip(part, endings)]
+            s = Sampling(n=1, temperature=rw.temperature, top_p=rw.top_p,
+                         max_new_tokens=rw.max_new_tokens or 2 * n_suffix,
+                         seed=derive_seed(self.cfg.run.seed, "rewrite", self.iteration, k))
+            gens = [g[0] for g in self.engine.generate_text(prompts, s, chat=rw.chat)]
+            answers = [g.text for g in gens]
+            errors = [g.error for g in gens]
+        table, stats = _table(part, endings, answers, errors, self.tok, n_suffix, self.rewriter is None)
+        return [("part", table, stats)]
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def _table(part, endings, answers, errors, tok, n_suffix: int, strip: bool) -> tuple[pa.Table, dict]:

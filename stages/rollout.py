@@ -6,7 +6,7 @@ by (run.seed, iteration, part), so a killed stage resumes and produces the same 
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +15,7 @@ from sipt import artifacts
 from sipt.config import Config
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
-from sipt.progress import progress_bar
+from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples, policy_prompt, tokenizer_bos
 
 SCHEMA = pa.schema(
@@ -72,37 +72,53 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         rows = samples.to_pylist()
         parts = [rows[k : k + r.prompts_per_part] for k in range(0, len(rows), r.prompts_per_part)]
         todo = [k for k in range(len(parts)) if not stage.has_part(k)]
-        t_load = time.perf_counter()
-        engine = make_engine(r, r.model or str(policy)) if todo else None
-        t_load, t_close = time.perf_counter() - t_load, 0.0
-        try:
-            with progress_bar(f"rollout iter {iteration}", total=len(rows) * r.n, unit="rollouts",
-                              enabled=show_progress) as bar:
-                bar.advance(sum(len(parts[k]) for k in range(len(parts)) if k not in todo) * r.n)
-                for k in todo:
-                    prompts, truncated, empty = [], [], 0
-                    for row in parts[k]:
-                        ids, cut = policy_prompt(row["prefix_ids"], row["prefix_start"], bos,
-                                                 context - s0.max_new_tokens)
-                        if not ids:
-                            ids, empty = [start_id], empty + 1
-                        prompts.append(ids)
-                        truncated.append(cut)
-                    gens = engine.generate(prompts, sampling(cfg, derive_seed(cfg.run.seed, "rollout", iteration, k)))
-                    table, stats = _table(parts[k], prompts, truncated, gens)
-                    stats["empty_prefix"] = empty
-                    stage.write_part(k, table, stats)
-                    bar.advance(len(parts[k]) * r.n)
-        finally:
-            if engine is not None:
-                t_close = time.perf_counter()
-                engine.close()
-                t_close = time.perf_counter() - t_close
+        job = RolloutJob(cfg, iteration, r.model or str(policy), parts, bos, start_id, context - s0.max_new_tokens)
+        done = sum(len(parts[k]) for k in range(len(parts)) if k not in todo) * r.n
+        timings = run_parts(job, todo, stage.tmp, cfg.run, label=f"rollout iter {iteration}",
+                            total=len(rows) * r.n, done=done, unit="rollouts", show_progress=show_progress)
         stats = {k: int(v) if float(v).is_integer() else v for k, v in stage.collected_stats().items()}
-        stats.update(epoch=epoch, engine=r.engine, engine_load_s=round(t_load, 3), engine_close_s=round(t_close, 3))
+        stats.update(epoch=epoch, engine=r.engine, **timings)
         if stats.get("tokens"):
             stats["mean_tokens"] = round(stats["tokens"] / max(1, stats["rollouts"]), 2)
         return stage.commit(stats, errors=stats.get("errors", 0))
+
+
+@dataclass
+class RolloutJob:
+    """The rollouts of one part: built here, run by any executor (sipt/executor.py)."""
+
+    cfg: Config
+    iteration: int
+    model: str
+    parts: list
+    bos: int | None
+    start_id: int
+    max_prompt: int
+    families = ("part",)
+
+    def open(self) -> None:
+        self.engine = make_engine(self.cfg.rollout, self.model)
+
+    def weight(self, k: int) -> int:
+        return len(self.parts[k]) * self.cfg.rollout.n
+
+    def part(self, k: int):
+        prompts, truncated, empty = [], [], 0
+        for row in self.parts[k]:
+            ids, cut = policy_prompt(row["prefix_ids"], row["prefix_start"], self.bos, self.max_prompt)
+            if not ids:
+                ids, empty = [self.start_id], empty + 1
+            prompts.append(ids)
+            truncated.append(cut)
+        gens = self.engine.generate(prompts, sampling(self.cfg, derive_seed(self.cfg.run.seed, "rollout", self.iteration, k)))
+        table, stats = _table(self.parts[k], prompts, truncated, gens)
+        stats["empty_prefix"] = empty
+        return [("part", table, stats)]
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def _table(rows, prompts, truncated, gens) -> tuple[pa.Table, dict]:
