@@ -9,7 +9,7 @@ DEMO   ?= data/configs/demo.toml
 PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train world init shard status models docs clean help
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -113,7 +113,7 @@ models: install
 ablate: base
 	$(BIN)/python bench/ablate.py --config $(DEMO) --base $(WARM_POLICY) --out runs/ablate
 
-bench: bench-shard bench-rollout bench-judge bench-train
+bench: bench-shard bench-rollout bench-judge bench-train bench-scale
 
 bench-shard: install
 	$(BIN)/python bench/shard.py
@@ -126,6 +126,9 @@ bench-rollout: install vllm-env
 
 bench-train: install
 	$(BIN)/python bench/train.py
+
+bench-scale: install
+	$(BIN)/python bench/scale.py
 
 docs: install
 	$(BIN)/sipt config reference --readme README.md

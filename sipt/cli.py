@@ -308,6 +308,44 @@ def report(
 
 
 @app.command()
+def plan(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The TOML config to cost.")],
+    set_: SetOpt = None,
+    prefix_tokens: Annotated[Optional[int], typer.Option(help="Mean prefix length (default: middle of the prefix range).")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a README).")] = False,
+):
+    """Cost of a config per optimizer step and per run: tokens generated, judge calls, judge tokens."""
+    from sipt import plan as plan_mod
+
+    cfg = config_mod.build(config_mod.apply_overrides(config_mod.load_toml(config), set_ or []), str(config))
+    t = plan_mod.table(cfg, prefix_tokens)
+    h = plan_mod.human
+    head = ["scheme", "rollouts", "candidates", "generated tok/step", "judge calls/step", "judge tok/step",
+            "generated tok/run", "judge calls/run", "judge tok/run"]
+    cells = [[r["scheme"] + (" ◀" if r["configured"] else ""), str(r["rollouts"]), str(r["candidates"]),
+              h(r["step_generated"]), h(r["step_calls"]), h(r["step_judge_tokens"]), h(r["run_generated"]),
+              h(r["run_calls"]), h(r["run_judge_tokens"])] for r in t["rows"]]
+    about = (f"{t['steps']} optimizer steps of {t['batch']} prefixes; objectives {', '.join(t['objectives'])}; "
+             f"candidates {', '.join(t['candidates'])}; judge mode {t['mode']}, swap {t['swap']}, repeats "
+             f"{t['repeats']}; mean prefix {t['prefix_tokens']} tokens. ◀ = the configured scheme and rollouts.")
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|---|" + "---:|" * (len(head) - 1))
+        for c in cells:
+            print("| " + " | ".join(c) + " |")
+        print()
+        print(about)
+        return
+    table = Table(title=f"sipt plan: {config}")
+    for col in head:
+        table.add_column(col, justify="left" if col == "scheme" else "right")
+    for c in cells:
+        table.add_row(*c)
+    out.print(table)
+    out.print(about, highlight=False)
+
+
+@app.command()
 def world(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the knowledge base, corpus and MC task.")],
     seed: Annotated[Optional[int], typer.Option(help="Generator seed (world.seed).")] = None,
