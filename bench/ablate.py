@@ -85,6 +85,11 @@ def main() -> None:
                  "--no-eval", "--no-progress")
             sipt("eval", "--run", str(run), "--iter", str(args.iters), "--no-progress")
             seconds = time.perf_counter() - t0
+            timing = run / "ablate_seconds.json"  # a rerun finds every stage done: keep the first timing
+            if timing.exists():
+                seconds = json.loads(timing.read_text())["seconds"]
+            else:
+                timing.write_text(json.dumps({"seconds": round(seconds, 1)}))
             stats = json.loads((run / f"iter-{args.iters:03d}" / "eval" / "summary.json").read_text())
             pairs = [json.loads((run / f"iter-{i:03d}" / "pair" / "_SUCCESS.json").read_text())["stats"]
                      for i in range(args.iters) if (run / f"iter-{i:03d}" / "pair" / "_SUCCESS.json").exists()]
@@ -96,14 +101,18 @@ def main() -> None:
     def f(v):
         return "–" if v is None else f"{v:.1f}"
 
+    def claims(s):
+        c, t = s.get("claims_per_generation"), s.get("true_claims_per_generation")
+        return "–" if c is None else f"{c:.2f} ({t:.2f})"
+
     head = ("| group | variant | Gen. quality (win % vs base) | Coherence (win %) | Safe % | False-fact % | "
-            "Factuality | MC acc % | rollout chosen % by iter | time (s) |")
-    lines = [head, "|" + "---|" * 10]
+            "Factuality | claims / gen (true) | MC acc % | rollout chosen % by iter | time (s) |")
+    lines = [head, "|" + "---|" * 11]
     for group, label, s, seconds in rows:
         chosen = " → ".join(f"{c:.0f}" for c in s.get("rollout_chosen", [])) or "–"
         lines.append(f"| {group} | {label} | {f(s['quality_win_rate'])} | {f(s['coherence_win_rate'])} | "
                      f"{f(s['safe_rate'])} | {f(s['false_fact_rate'])} | {f(s['factuality'])} | "
-                     f"{f(s.get('benchmark_avg'))} | {chosen} | {seconds:.0f} |")
+                     f"{claims(s)} | {f(s.get('benchmark_avg'))} | {chosen} | {seconds:.0f} |")
     text = "\n".join(lines)
     (out / "ablate.md").write_text(text + "\n")
     print(text)

@@ -298,12 +298,13 @@ def report(
     result = stage.run(run, compare)
     table = Table(title=f"sipt report: {run}")
     for col in result["header"]:
-        table.add_column(col, justify="left" if col == "policy" else "right")
+        table.add_column(col, justify="left" if col == "run" else "right")
     for row in result["rows"]:
         table.add_row(*row)
-    out.print(table)
+    wide = out if out.is_terminal else Console(width=160)  # logs: no wrapped table cells
+    wide.print(table)
     for line in result["comparison"]:
-        out.print(line, highlight=False)
+        wide.print(line, highlight=False, soft_wrap=True)
     out.print(f"[green]report[/] {result['report']} ({len(result['charts'])} charts)")
 
 

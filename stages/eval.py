@@ -81,6 +81,9 @@ def resolve_baseline(run_dir: Path, entry: str, iteration: int) -> tuple[Path, s
     if entry == "initial":
         return artifacts.stage_dir(run_dir, "policy", 0), "iter-000/policy"
     path = Path(entry)
+    if not path.exists():
+        raise SiptError(f"eval.baselines: {entry} does not exist (yet). Make it first (a run: `sipt loop --run "
+                        f"{entry}`), or leave it out of eval.baselines")
     if (path / "sipt.toml").exists():  # another run: its policy after the same number of iterations
         policy = artifacts.stage_dir(path, "policy", iteration)
         if artifacts.read_manifest(policy) is None:
@@ -202,6 +205,8 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         stage.write_part(0, gen_table, family="generations")
         stage.write_part(0, ver_table, family="versus")
         summary = summarize(gen_table, ver_table, [b for b, _ in baselines], judged[2], benchmarks)
+        if j.engine == "oracle":
+            summary.update(claim_counts(run_dir, cfg, rows, gens))
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         return stage.commit(summary, rows=len(rows), errors=sum(bool(g.error) for g in gens))
 
@@ -319,6 +324,24 @@ def summarize(gen_table: pa.Table, ver_table: pa.Table, baselines: list[str], ju
     summary["benchmark_avg"] = round(100.0 * sum(accs) / len(accs), 2) if accs else None
     summary.update(judge_stats)
     return summary
+
+
+def claim_counts(run_dir: Path, cfg: Config, rows: list[dict], gens: list) -> dict:
+    """The toy world only: fact claims per generation, and how many are true or false. A falling
+    false-fact rate can mean the policy knows more, or that it states fewer facts; these tell which."""
+    from sipt.oracle import OracleJudge
+
+    judge = OracleJudge(oracle_kb(cfg.judge.world, run_dir, "judge", "judge.world"))
+    claims = true = false = 0
+    for r, g in zip(rows, gens):
+        for u in judge.analyse(r["prefix_text"], g.text).scored:
+            if u.kind == "claim" and not u.repeated:
+                claims += 1
+                false += u.claim.status == "contradicted"
+                true += u.claim.status not in ("contradicted", "unverifiable", "inherited") and u.claim.about_main
+    n = max(1, len(rows))
+    return {"claims_per_generation": round(claims / n, 3), "true_claims_per_generation": round(true / n, 3),
+            "false_claims_per_generation": round(false / n, 3)}
 
 
 def run_lm_eval(model_dir: Path, cfg: Config) -> dict:

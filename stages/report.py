@@ -21,6 +21,8 @@ COLUMNS = [
     ("factuality", "Factuality"),
     ("false_fact_rate", "False-fact %"),
     ("benchmark_avg", "Benchmarks (avg acc %)"),
+    ("claims_per_generation", "Claims / gen"),
+    ("true_claims_per_generation", "True claims / gen"),
 ]
 
 
@@ -62,7 +64,9 @@ def collect(run_dir: Path) -> dict:
 
 
 def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+    if v is None:
+        return "–"
+    return (f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v)
 
 
 def table_rows(runs: list[dict]) -> list[list[str]]:
@@ -71,7 +75,7 @@ def table_rows(runs: list[dict]) -> list[list[str]]:
     for k, d in enumerate(runs):
         its = sorted(d["evals"])
         for i in (its if k == 0 else its[-1:]):
-            label = f"{d['name']} iter {i}" + (" (initial)" if i == 0 else "")
+            label = d["name"] + (" (initial)" if i == 0 else "")
             rows.append([label, str(i), *[_fmt(d["evals"][i].get(key)) for key, _ in COLUMNS]])
     return rows
 
@@ -98,12 +102,31 @@ def comparison(runs: list[dict]) -> list[str]:
         for key, title in (("quality_win_rate", "quality win rate"), ("benchmark_avg", "benchmark average")):
             if ea.get(key) is not None and eb.get(key) is not None:
                 block.append(f"- {title} (vs {ea.get('baseline')}): {ea[key]:.1f} vs {eb[key]:.1f}")
+        if ea.get("claims_per_generation") is not None and eb.get("claims_per_generation") is not None:
+            block.append(f"- fact claims per generation (true ones): {ea['claims_per_generation']:.2f} "
+                         f"({ea['true_claims_per_generation']:.2f}) vs {eb['claims_per_generation']:.2f} "
+                         f"({eb['true_claims_per_generation']:.2f})")
         for name, v in ea.get("versus", {}).items():
             if Path(name).name == b["name"] and v.get("quality_win_rate") is not None:
                 block.append(f"- head to head, {a['name']} against {b['name']} at the same iteration: quality "
                              f"win rate {v['quality_win_rate']:.1f}%, coherence {_fmt(v.get('coherence_win_rate'))}%")
         lines += [*block, ""]
     return lines
+
+
+def _chart(plt, out: Path, png: str, title: str, xlabel: str, lines: list[tuple[list, list, str | None]]) -> None:
+    """One line chart: (xs, ys, label) per line."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for xs, ys, label in lines:
+        ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if any(label for _, _, label in lines):
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / png, dpi=110)
+    plt.close(fig)
 
 
 def _charts(runs: list[dict], out: Path) -> list[tuple[str, str]]:
@@ -131,41 +154,20 @@ def _charts(runs: list[dict], out: Path) -> list[tuple[str, str]]:
     main = runs[0]
     if main["pairs"]:
         its = sorted(main["pairs"])
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        ax.plot(its, [100 * (main["pairs"][i].get("rollout_chosen_rate") or 0) for i in its], marker="o")
-        ax.set_title("Rollout chosen as best (%)  (PAPER Fig. 8)")
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "rollout_chosen.png", dpi=110)
-        plt.close(fig)
+        _chart(plt, out, "rollout_chosen.png", "Rollout chosen as best (%)  (PAPER Fig. 8)", "iteration",
+               [(its, [100 * (main["pairs"][i].get("rollout_chosen_rate") or 0) for i in its], None)])
         charts.append(("Rollout-chosen rate", "rollout_chosen.png"))
     if main["rewards"]:
         its = sorted(main["rewards"])
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for src in sorted({s for r in main["rewards"].values() for s in r}):
-            xs = [i for i in its if src in main["rewards"][i]]
-            ax.plot(xs, [main["rewards"][i][src] for i in xs], marker="o", label=src)
-        ax.set_title("Mean reward by candidate source")
-        ax.set_xlabel("iteration")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "reward_by_source.png", dpi=110)
-        plt.close(fig)
+        sources = sorted({s for r in main["rewards"].values() for s in r})
+        _chart(plt, out, "reward_by_source.png", "Mean reward by candidate source", "iteration",
+               [([i for i in its if s in main["rewards"][i]], [main["rewards"][i][s] for i in its if s in main["rewards"][i]], s)
+                for s in sources])
         charts.append(("Mean reward by candidate source", "reward_by_source.png"))
     if any(d["loss"] for d in runs):
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for d in runs:
-            if d["loss"]:
-                ax.plot([s for s, _, _ in d["loss"]], [v for _, v, _ in d["loss"]], label=f"{d['name']} ({d['objective']})")
-        ax.set_title("Training loss per optimizer step")
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "train_loss.png", dpi=110)
-        plt.close(fig)
+        _chart(plt, out, "train_loss.png", "Training loss per optimizer step", "step",
+               [([s for s, _, _ in d["loss"]], [v for _, v, _ in d["loss"]], f"{d['name']} ({d['objective']})")
+                for d in runs if d["loss"]])
         charts.append(("Training loss", "train_loss.png"))
     return charts
 
@@ -176,7 +178,7 @@ def run(run_dir: Path, compare: list[Path] | None = None) -> dict:
     runs = [collect(run_dir), *[collect(Path(c)) for c in compare or []]]
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    header = ["policy", "iter", *[title for _, title in COLUMNS]]
+    header = ["run", "iter", *[title for _, title in COLUMNS]]
     rows = table_rows(runs)
     main = runs[0]
     base = next((e.get("baseline") for e in main["evals"].values() if e.get("baseline")), None)

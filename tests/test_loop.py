@@ -62,6 +62,11 @@ def test_eval_against_itself_is_a_tie_and_pointwise_scores_are_the_oracles(wrun,
     assert s["false_fact_rate"] == round(100 * sum(r["factuality"] == 0 for r in rows) / 16, 2)
     assert set(s["by_group"]) == {r["group"] for r in rows} and sum(g["n"] for g in s["by_group"].values()) == 16
     assert json.loads((wrun / "iter-000" / "eval" / "summary.json").read_text()) == s
+    claims = [u for r in rows for u in oracle.analyse(r["prefix_text"], r["text"]).scored
+              if u.kind == "claim" and not u.repeated]
+    assert s["claims_per_generation"] == round(len(claims) / 16, 3)
+    assert s["false_claims_per_generation"] == round(sum(u.claim.status == "contradicted" for u in claims) / 16, 3)
+    assert (s["false_claims_per_generation"] > 0) == (s["false_fact_rate"] > 0)
 
 
 def test_eval_win_rates_follow_the_judge_in_both_orders(wrun, world_run, tmp_path):
@@ -94,6 +99,9 @@ def test_eval_win_rates_follow_the_judge_in_both_orders(wrun, world_run, tmp_pat
 
 def test_eval_errors_are_clear(wrun):
     cfg = config_mod.resolve(wrun, overrides={**EVAL, "eval.baselines": ["nowhere/at/all"]})
+    with pytest.raises(SiptError, match="nowhere/at/all does not exist"):
+        eval_stage.run(wrun, cfg, 0, show_progress=False)
+    cfg = config_mod.resolve(wrun, overrides={"eval.baselines": [str(wrun / "samples")]}, force=True)
     with pytest.raises(SiptError, match="neither 'initial', a run folder"):
         eval_stage.run(wrun, cfg, 0, show_progress=False)
     cfg = config_mod.resolve(wrun, overrides={"eval.baselines": ["initial"], "eval.split": "heldout"}, force=True)
@@ -192,9 +200,9 @@ def test_loop_report_and_rerun_after_a_killed_judge(wrun, tmp_path):
     md = (wrun / "report" / "report.md").read_text()
     for png in ("metrics.png", "rollout_chosen.png", "reward_by_source.png", "train_loss.png"):
         assert (wrun / "report" / png).stat().st_size > 1000 and f"]({png})" in md
-    rows = [line for line in md.splitlines() if line.startswith("| run iter")]
+    rows = [line for line in md.splitlines() if line.startswith("| run ")]
     assert len(rows) == 4  # iterations 0..3 of this run
-    assert "| clean iter 3 |" in md and "false-fact rate" in md
+    assert "| clean | 3 |" in md and "false-fact rate" in md and "| run (initial) | 0 |" in md
     data = report.collect(wrun)
     assert sorted(data["pairs"]) == [0, 1, 2] and {"suffix", "rewrite", "rollout"} <= set(data["rewards"][0])
     assert len(data["loss"]) == sum(artifacts.read_manifest(wrun / f"iter-{i:03d}" / "train")["stats"]["steps"]

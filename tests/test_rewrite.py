@@ -1,4 +1,3 @@
-import pyarrow as pa
 import pytest
 
 from sipt import artifacts, config as config_mod
