@@ -15,10 +15,18 @@ def test_help_lists_every_stage():
         assert f" {name} " in result.output, name
 
 
-def test_unimplemented_stage_says_so():
-    result = runner.invoke(app, ["eval", "--run", "x"])
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.output
+def test_every_command_has_help():
+    for name in ("init", "shard", "rollout", "rewrite", "judge", "pair", "train", "eval", "loop", "report",
+                 "plan", "status", "world"):
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "not implemented" not in result.output
+
+
+def test_report_of_a_missing_run_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sipt.cli", "report", "--run", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such run directory" in proc.stderr
 
 
 def test_unknown_config_key_from_command_line(tmp_path):
