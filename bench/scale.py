@@ -36,10 +36,17 @@ def main() -> None:
         "data.suffix_tokens": NEW_TOKENS, "data.max_prefix_tokens": 192, "run.prompts_per_iter": PREFIXES,
         "rollout.n": N, "rollout.prompts_per_part": PER_PART, "rollout.stop_at_eos": False,
     })
-    columns = [("local, 1 worker (in-process)", "local", 1), ("local, 2 worker processes", "local", 2),
-               ("ray, 2 actors", "ray", 2)]
+    import torch
+
+    # (label, executor, workers, torch threads of the in-process run); each worker process uses
+    # cpu_count / workers threads, so "1 worker, 1 thread" is what one of two workers computes alone.
+    columns = [("local, 1 worker (in-process, all cores)", "local", 1, 0),
+               ("local, 1 worker (in-process, 1 thread)", "local", 1, 1),
+               ("local, 2 worker processes", "local", 2, 0), ("ray, 2 actors", "ray", 2, 0)]
     results, reference, ray_start = [], None, None
-    for label, executor, workers in columns:
+    default_threads = torch.get_num_threads()
+    for label, executor, workers, threads in columns:
+        torch.set_num_threads(threads or default_threads)
         if executor == "ray":
             import ray
 
@@ -58,13 +65,16 @@ def main() -> None:
             reference = rows
         same = rows.equals(reference)
         results.append((label, best, m["stats"]["tokens"], m["parts"], same))
+    torch.set_num_threads(default_threads)
     base = results[0][1]
     print(f"\nbench/scale: rollout stage, {PREFIXES} prefixes in {PREFIXES // PER_PART} parts x {N} rollouts x "
           f"{NEW_TOKENS} tokens, tiny policy, hf engine\n")
-    print("| executor | wall s | tokens/s | speed-up | parts | rows equal to 1 worker |")
-    print("|---|---:|---:|---:|---:|---|")
+    one = results[1][1]
+    print("| executor | wall s | tokens/s | vs 1 worker, all cores | vs 1 worker, 1 thread | parts | rows equal |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for label, seconds, tokens, parts, same in results:
-        print(f"| {label} | {seconds:.1f} | {tokens / seconds:,.0f} | {base / seconds:.2f}× | {parts} | {'yes' if same else 'NO'} |")
+        print(f"| {label} | {seconds:.1f} | {tokens / seconds:,.0f} | {base / seconds:.2f}× | {one / seconds:.2f}× | "
+              f"{parts} | {'yes' if same else 'NO'} |")
     if ray_start is not None:
         print(f"\nStarting the local Ray cluster (not in the table): {ray_start:.1f} s.")
 
