@@ -307,6 +307,11 @@ def state_of(run_dir: Path, folder: Path, cfg_hash_fn) -> tuple[str, dict | None
     return "done", manifest
 
 
+def iterations(run_dir: Path) -> list[int]:
+    """The iterations that have a folder in the run, in order."""
+    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("iter-[0-9][0-9][0-9]") if p.is_dir())
+
+
 def run_status(run_dir: Path, cfg_hash_fn=None) -> list[dict]:
     """One row per stage per iteration: the data behind `sipt status`."""
     run_dir = Path(run_dir)
@@ -327,9 +332,7 @@ def run_status(run_dir: Path, cfg_hash_fn=None) -> list[dict]:
         )
 
     add("samples", None, stage_dir(run_dir, "samples"))
-    iters = sorted(
-        int(p.name.split("-")[1]) for p in run_dir.glob("iter-[0-9][0-9][0-9]") if p.is_dir()
-    ) or [0]
+    iters = iterations(run_dir) or [0]
     for i in iters:
         for stage in ITER_STAGES:
             add(stage, i, stage_dir(run_dir, stage, i))

@@ -276,7 +276,7 @@ def loop(
 
     cfg = _resolve(run, config, set_, {"run.iterations": iters, "run.executor": executor, "run.workers": workers}, force)
     t0 = time.perf_counter()
-    for name, i, manifest, _ in loop_mod.run(run, cfg, cfg.run.iterations, evaluate=evaluate, show_progress=progress):
+    for name, i, manifest in loop_mod.run(run, cfg, cfg.run.iterations, evaluate=evaluate, show_progress=progress):
         _report(manifest, name if i is None else f"{name} iter {i}")
     out.print(f"[green]loop[/] {run}: {cfg.run.iterations} iterations done in {time.perf_counter() - t0:.1f} s")
 

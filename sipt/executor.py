@@ -1,7 +1,8 @@
 """Executors: who processes a stage's parts (DESIGN §8).
 
 A stage that works in parts (rollout, rewrite, judge) describes its work as a *job*: built in the
-main process, picklable, with
+main process, picklable, with `parts` (one entry per part), `families` (the part files each part
+writes, the last one written last) and
     open()      load the engine (in whichever process runs the parts),
     part(k)     do part k and return [(family, table, stats), ...] to write, in order,
     weight(k)   progress units of part k,
@@ -41,16 +42,18 @@ def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def run_parts(job, todo: list[int], tmp: Path, run_cfg, *, label: str, total: float, done: float = 0,
-              unit: str = "", show_progress: bool = True) -> dict:
-    """Process the parts `todo` of `job` into `tmp`; returns timings (engine_load_s, engine_close_s)."""
+def run_parts(job, tmp: Path, run_cfg, *, label: str, unit: str = "", show_progress: bool = True) -> dict:
+    """Process every part of `job` (`job.parts`) that `tmp` does not hold yet, so a rerun does just
+    the missing ones; returns timings (engine_load_s, engine_close_s)."""
     executor, workers = run_cfg.executor, max(1, run_cfg.workers)
     if executor not in EXECUTORS:
         raise SiptError(f"run.executor = {executor!r}: use one of {', '.join(EXECUTORS)}")
+    todo = [k for k in range(len(job.parts)) if not _complete(job, tmp, k)]
     if not todo:
         return {"engine_load_s": 0.0, "engine_close_s": 0.0}
+    total = sum(job.weight(k) for k in range(len(job.parts)))
     with progress_bar(label, total=total, unit=unit, enabled=show_progress) as bar:
-        bar.advance(done)
+        bar.advance(total - sum(job.weight(k) for k in todo))
         if executor == "ray":
             return _ray(job, todo, tmp, run_cfg, bar)
         if workers > 1 and len(todo) > 1:

@@ -12,8 +12,7 @@ judge, pair, train -> iter-(i+1)/policy, then eval of that policy. With train.ob
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from sipt.config import Config
@@ -43,20 +42,17 @@ def plan(cfg: Config, iterations: int, evaluate: bool) -> list[tuple[str, int | 
     return steps
 
 
-def run(run_dir: Path, cfg: Config, iterations: int, *, evaluate: bool = True, show_progress: bool = True,
-        before: Callable[[str, int | None], None] | None = None) -> Iterator[tuple[str, int | None, dict, float]]:
-    """Run the plan; yield (stage, iteration, manifest, seconds this call took) after each stage."""
+def run(run_dir: Path, cfg: Config, iterations: int, *, evaluate: bool = True,
+        show_progress: bool = True) -> Iterator[tuple[str, int | None, dict]]:
+    """Run the plan; yield (stage, iteration, manifest) after each stage."""
     import importlib
 
     for name, i in plan(cfg, iterations, evaluate):
-        if before is not None:
-            before(name, i)
         module = importlib.import_module(f"stages.{name}")
-        t0 = time.perf_counter()
         if name == "init":
             manifest = module.run(run_dir, cfg)
         elif name == "shard":
             manifest = module.run(run_dir, cfg, show_progress=show_progress)
         else:
             manifest = module.run(run_dir, cfg, i, show_progress=show_progress)
-        yield name, i, manifest, time.perf_counter() - t0
+        yield name, i, manifest

@@ -100,10 +100,8 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         extra = _candidates_by_sample(run_dir, iteration, j.candidates)
         per_part = cfg.rollout.prompts_per_part
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
-        todo = [k for k in range(len(parts)) if not stage.has_part(k, "scores")]
         job = JudgeJob(cfg, iteration, str(run_dir), parts, extra)
-        run_parts(job, todo, stage.tmp, cfg.run, label=f"judge iter {iteration}", total=len(rows),
-                  done=sum(len(parts[k]) for k in range(len(parts)) if k not in todo), unit="prefixes",
+        run_parts(job, stage.tmp, cfg.run, label=f"judge iter {iteration}", unit="prefixes",
                   show_progress=show_progress)
         stats = {k: int(v) if float(v).is_integer() else round(v, 6) for k, v in stage.collected_stats("scores").items()}
         for o in j.objectives:

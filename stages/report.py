@@ -26,17 +26,13 @@ COLUMNS = [
 ]
 
 
-def _iterations(run_dir: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in run_dir.glob("iter-[0-9][0-9][0-9]") if p.is_dir())
-
-
 def collect(run_dir: Path) -> dict:
     """Everything the report shows about one run, from its artifacts."""
     run_dir = Path(run_dir)
-    if not (run_dir / "samples").exists() and not _iterations(run_dir):
+    if not (run_dir / "samples").exists() and not artifacts.iterations(run_dir):
         raise SiptError(f"{run_dir}: no run here (no samples/ and no iter-NNN/); run `sipt loop` first")
     data = {"name": run_dir.name, "evals": {}, "pairs": {}, "rewards": {}, "loss": [], "objective": None}
-    for i in _iterations(run_dir):
+    for i in artifacts.iterations(run_dir):
         ev = artifacts.read_manifest(artifacts.stage_dir(run_dir, "eval", i))
         if ev:
             data["evals"][i] = ev["stats"]

@@ -94,10 +94,8 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         rows = samples.to_pylist()
         per_part = cfg.rollout.prompts_per_part
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
-        todo = [k for k in range(len(parts)) if not stage.has_part(k)]
         job = RewriteJob(cfg, iteration, str(policy), parts, str(kb) if rw.engine == "oracle" else "")
-        run_parts(job, todo, stage.tmp, cfg.run, label=f"rewrite iter {iteration}", total=len(rows),
-                  done=sum(len(parts[k]) for k in range(len(parts)) if k not in todo), unit="suffixes",
+        run_parts(job, stage.tmp, cfg.run, label=f"rewrite iter {iteration}", unit="suffixes",
                   show_progress=show_progress)
         stats = stage.collected_stats()
         stats = {k: int(v) for k, v in stats.items()}

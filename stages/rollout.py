@@ -71,11 +71,9 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
                                            columns=["sample_id", "prefix_ids", "prefix_start"])
         rows = samples.to_pylist()
         parts = [rows[k : k + r.prompts_per_part] for k in range(0, len(rows), r.prompts_per_part)]
-        todo = [k for k in range(len(parts)) if not stage.has_part(k)]
         job = RolloutJob(cfg, iteration, r.model or str(policy), parts, bos, start_id, context - s0.max_new_tokens)
-        done = sum(len(parts[k]) for k in range(len(parts)) if k not in todo) * r.n
-        timings = run_parts(job, todo, stage.tmp, cfg.run, label=f"rollout iter {iteration}",
-                            total=len(rows) * r.n, done=done, unit="rollouts", show_progress=show_progress)
+        timings = run_parts(job, stage.tmp, cfg.run, label=f"rollout iter {iteration}", unit="rollouts",
+                            show_progress=show_progress)
         stats = {k: int(v) if float(v).is_integer() else v for k, v in stage.collected_stats().items()}
         stats.update(epoch=epoch, engine=r.engine, **timings)
         if stats.get("tokens"):
