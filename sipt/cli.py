@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sipt import __version__
@@ -399,6 +400,9 @@ def status(
             str(r["detail"])[:60],
         )
     out.print(table)
+    for r in rows:
+        if r["warning"]:  # README "Reproducibility": such a stage is equivalent, not bit-identical
+            out.print(f"[yellow]warning:[/] {escape(r['path'])}: {escape(r['warning'])}")
 
 
 config_app = typer.Typer(help="Show a run's resolved config or the reference of every key.", no_args_is_help=True)

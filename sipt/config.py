@@ -49,6 +49,11 @@ class RunConfig:
         1, "Parallel workers, each holding one engine: local processes, or Ray actors with executor = ray.",
         results=False,
     )
+    threads: int = knob(
+        0, "torch threads per process for rollout, rewrite and judge parts. 0: all cores in-process, "
+        "cores // workers in each worker. Rows are bit-identical across worker counts only at equal "
+        "threads and CPU (README \"Reproducibility\").", results=False,
+    )
     ray_address: str = knob("", "Ray cluster address (e.g. ray://head:10001); empty: start a local Ray.", results=False)
     worker_gpus: float = knob(0.0, "GPUs per Ray worker (1: one vLLM engine per GPU).", results=False)
 

@@ -21,6 +21,7 @@ on, and the stage then stops with "rerun to continue", which does just the missi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -38,17 +39,24 @@ def _write(tmp: Path, k: int, outputs) -> None:
         artifacts.write_parquet_atomic(Path(tmp) / f"{family}-{k:05d}.parquet", table, stats)
 
 
-def _threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+def _threads(run_cfg, workers: int) -> int:
+    """torch threads of each worker: `run.threads`, else an equal share of the cores."""
+    return run_cfg.threads if getattr(run_cfg, "threads", 0) > 0 else max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def run_parts(job, tmp: Path, run_cfg, *, label: str, unit: str = "", show_progress: bool = True) -> dict:
     """Process every part of `job` (`job.parts`) that `tmp` does not hold yet, so a rerun does just
-    the missing ones; returns timings (engine_load_s, engine_close_s)."""
+    the missing ones; returns who did them (executor, workers) and timings (engine_load_s,
+    engine_close_s). Each part records its process's threads and CPU (`artifacts.environment`)."""
     executor, workers = run_cfg.executor, max(1, run_cfg.workers)
     if executor not in EXECUTORS:
         raise SiptError(f"run.executor = {executor!r}: use one of {', '.join(EXECUTORS)}")
     todo = [k for k in range(len(job.parts)) if not _complete(job, tmp, k)]
+    return {"executor": executor, "workers": workers, **_run_todo(job, todo, tmp, run_cfg, label, unit, show_progress)}
+
+
+def _run_todo(job, todo, tmp, run_cfg, label, unit, show_progress) -> dict:
+    executor, workers = run_cfg.executor, max(1, run_cfg.workers)
     if not todo:
         return {"engine_load_s": 0.0, "engine_close_s": 0.0}
     total = sum(job.weight(k) for k in range(len(job.parts)))
@@ -57,19 +65,36 @@ def run_parts(job, tmp: Path, run_cfg, *, label: str, unit: str = "", show_progr
         if executor == "ray":
             return _ray(job, todo, tmp, run_cfg, bar)
         if workers > 1 and len(todo) > 1:
-            return _processes(job, todo, tmp, min(workers, len(todo)), bar)
-        t0 = time.perf_counter()
-        job.open()
-        timings = {"engine_load_s": round(time.perf_counter() - t0, 3)}
-        try:
-            for k in todo:
-                _write(tmp, k, job.part(k))
-                bar.advance(job.weight(k))
-        finally:
+            return _processes(job, todo, tmp, min(workers, len(todo)), bar, run_cfg)
+        with _torch_threads(getattr(run_cfg, "threads", 0)):
             t0 = time.perf_counter()
-            job.close()
-            timings["engine_close_s"] = round(time.perf_counter() - t0, 3)
+            job.open()
+            timings = {"engine_load_s": round(time.perf_counter() - t0, 3)}
+            try:
+                for k in todo:
+                    _write(tmp, k, job.part(k))
+                    bar.advance(job.weight(k))
+            finally:
+                t0 = time.perf_counter()
+                job.close()
+                timings["engine_close_s"] = round(time.perf_counter() - t0, 3)
         return timings
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """Run the in-process parts on `threads` torch threads (0: leave torch's default), then restore."""
+    if threads <= 0:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- local processes -----------------------------------------------------------------------------
@@ -96,7 +121,7 @@ def _process_worker(job, tmp: str, tasks, results, threads: int) -> None:
         raise SystemExit(1) from None
 
 
-def _processes(job, todo: list[int], tmp: Path, workers: int, bar) -> dict:
+def _processes(job, todo: list[int], tmp: Path, workers: int, bar, run_cfg) -> dict:
     import multiprocessing as mp
     import queue
 
@@ -106,7 +131,7 @@ def _processes(job, todo: list[int], tmp: Path, workers: int, bar) -> dict:
         tasks.put(k)
     for _ in range(workers):
         tasks.put(None)
-    procs = [ctx.Process(target=_process_worker, args=(job, str(tmp), tasks, results, _threads(workers)),
+    procs = [ctx.Process(target=_process_worker, args=(job, str(tmp), tasks, results, _threads(run_cfg, workers)),
                          daemon=True) for _ in range(workers)]
     for p in procs:
         p.start()
@@ -179,7 +204,7 @@ def _ray(job, todo: list[int], tmp: Path, run_cfg, bar) -> dict:
             self.job.close()
 
     workers = min(max(1, run_cfg.workers), len(todo))
-    actors = [PartWorker.options(num_cpus=1, num_gpus=run_cfg.worker_gpus).remote(job, str(tmp), _threads(workers))
+    actors = [PartWorker.options(num_cpus=1, num_gpus=run_cfg.worker_gpus).remote(job, str(tmp), _threads(run_cfg, workers))
               for _ in range(workers)]
     pending = list(todo)
     running = {}
@@ -206,7 +231,7 @@ def _ray(job, todo: list[int], tmp: Path, run_cfg, bar) -> dict:
             k = pending.pop(0)
             running[actor.part.remote(k)] = (actor, k)
         elif actor is None and pending and not running:  # every actor is gone: start a fresh one
-            fresh = PartWorker.options(num_cpus=1, num_gpus=run_cfg.worker_gpus).remote(job, str(tmp), _threads(1))
+            fresh = PartWorker.options(num_cpus=1, num_gpus=run_cfg.worker_gpus).remote(job, str(tmp), _threads(run_cfg, 1))
             k = pending.pop(0)
             running[fresh.part.remote(k)] = (fresh, k)
     for a in actors:

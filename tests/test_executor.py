@@ -27,17 +27,80 @@ def _stage_rows(run, stage, prefix="part-"):
 
 @pytest.mark.slow
 def test_local_workers_write_the_rows_of_one_process(wrun, tmp_path):
+    # like with like: one process on 1 thread against 2 workers on 1 thread each (README "Reproducibility")
     one = tmp_path / "one"
     shutil.copytree(wrun, one)
     for run, workers in ((one, 1), (wrun, 2)):
-        cfg = config_mod.resolve(run, overrides={"run.workers": workers, "judge.candidates": ["suffix", "rewrite", "rollouts"]},
-                                 force=True)
+        cfg = config_mod.resolve(run, overrides={"run.workers": workers, "run.threads": 1,
+                                                 "judge.candidates": ["suffix", "rewrite", "rollouts"]}, force=True)
         for stage in (rollout, rewrite, judge):
             stage.run(run, cfg, 0, force=True, show_progress=False)
     assert _stage_rows(wrun, "rollout").equals(_stage_rows(one, "rollout"))
     assert _stage_rows(wrun, "rewrite").equals(_stage_rows(one, "rewrite"))
     assert _stage_rows(wrun, "judge", "scores-").equals(_stage_rows(one, "judge", "scores-"))
-    assert artifacts.read_manifest(wrun / "iter-000" / "rollout")["parts"] == 3
+    m = artifacts.read_manifest(wrun / "iter-000" / "rollout")
+    assert m["parts"] == 3 and m["stats"]["workers"] == 2 and m["stats"]["executor"] == "local"
+    envs = [artifacts.part_environment(p) for p in artifacts.list_parts(wrun / "iter-000" / "rollout")]
+    assert [e["threads"] for e in envs] == [1, 1, 1] and all(e["torch"] and e["cpu"] for e in envs)
+
+
+ROLLOUT_FIXED = ["sample_id", "rollout_idx", "prompt_tokens", "prompt_truncated", "error"]
+
+
+@pytest.mark.slow
+def test_only_the_thread_count_changes(wrun, tmp_path):
+    """1 thread against 2 in one process: sampled columns may differ where the BLAS rounds by thread
+    count; the row count, schema, ids and every non-sampled column may not. Under MKL's strict mode
+    (set by `import sipt`) the rows are bit-identical too."""
+    import torch
+
+    tables = {}
+    for threads in (1, 2):
+        run = tmp_path / f"t{threads}"
+        shutil.copytree(wrun, run)
+        cfg = config_mod.resolve(run, overrides={"run.threads": threads}, force=True)
+        rollout.run(run, cfg, 0, force=True, show_progress=False)
+        tables[threads] = _stage_rows(run, "rollout")
+        part = artifacts.list_parts(run / "iter-000" / "rollout")[0]
+        assert artifacts.part_environment(part)["threads"] == threads
+    one, two = tables[1], tables[2]
+    assert one.schema == two.schema and one.num_rows == two.num_rows == 48
+    assert one.select(ROLLOUT_FIXED).equals(two.select(ROLLOUT_FIXED))
+    assert torch.get_num_threads() == (os.cpu_count() or 1)  # the in-process setting was restored
+    if torch.backends.mkl.is_available() and os.environ.get("MKL_CBWR", "").endswith("STRICT"):
+        assert one.equals(two)
+
+
+@pytest.mark.slow
+def test_status_warns_when_a_resumed_stage_changed_threads(wrun, monkeypatch):
+    """A rollout killed after 2 of 3 parts at 1 thread, resumed at 2 threads: the rows are kept,
+    and the manifest and `sipt status` say the parts were written under different settings."""
+    from typer.testing import CliRunner
+
+    from sipt.cli import app
+
+    real_part = rollout.RolloutJob.part
+
+    def dies_at_part_2(self, k):
+        if k == 2:
+            raise KeyboardInterrupt  # a crash, not bad input: the finished parts stay
+        return real_part(self, k)
+
+    monkeypatch.setattr(rollout.RolloutJob, "part", dies_at_part_2)
+    cfg = config_mod.resolve(wrun, overrides={"run.threads": 1}, force=True)
+    with pytest.raises(KeyboardInterrupt):
+        rollout.run(wrun, cfg, 0, force=True, show_progress=False)
+    monkeypatch.setattr(rollout.RolloutJob, "part", real_part)
+    rows = {r["stage"]: r for r in artifacts.run_status(wrun) if r["iteration"] == 0}
+    assert rows["rollout"]["state"] == "failed" and rows["rollout"]["warning"] == ""
+    cfg = config_mod.resolve(wrun, overrides={"run.threads": 2}, force=True)
+    m = rollout.run(wrun, cfg, 0, force=True, show_progress=False)  # resumes the forced rebuild
+    assert m["rows"] == 48 and not m.get("skipped")
+    assert m["environment_warning"] == "parts written under different settings: threads 1 (2 parts) vs 2 (1 part)"
+    rows = {r["stage"]: r for r in artifacts.run_status(wrun) if r["iteration"] == 0}
+    assert rows["rollout"]["warning"] == m["environment_warning"] and rows["rewrite"]["warning"] == ""
+    shown = CliRunner().invoke(app, ["status", "--run", str(wrun)])
+    assert shown.exit_code == 0 and "iter-000/rollout: parts written under different settings" in shown.output
 
 
 @dataclass
@@ -90,9 +153,9 @@ def test_ray_actors_write_the_rows_of_one_process(wrun, tmp_path):
     pytest.importorskip("ray")
     one = tmp_path / "one"
     shutil.copytree(wrun, one)
-    cfg = config_mod.resolve(one, overrides={"run.workers": 1}, force=True)
+    cfg = config_mod.resolve(one, overrides={"run.workers": 1, "run.threads": 1}, force=True)
     rollout.run(one, cfg, 0, force=True, show_progress=False)
-    cfg = config_mod.resolve(wrun, overrides={"run.executor": "ray", "run.workers": 2}, force=True)
+    cfg = config_mod.resolve(wrun, overrides={"run.executor": "ray", "run.workers": 2, "run.threads": 1}, force=True)
     m = rollout.run(wrun, cfg, 0, force=True, show_progress=False)
     assert m["parts"] == 3 and _stage_rows(wrun, "rollout").equals(_stage_rows(one, "rollout"))
     # a dead actor loses its part in flight; the others finish theirs, the rerun the rest
