@@ -197,10 +197,10 @@ class OracleBackend:
 
     def __init__(self, kb_path: Path, noise: float = 0.0):
         from sipt.artifacts import files_fingerprint
-        from sipt.oracle import OracleJudge
+        from sipt.oracle import ORACLE_VERSION, OracleJudge
 
         self.base = OracleJudge(kb_path, noise=noise, seed=0)
-        self.model = f"oracle:{files_fingerprint([Path(kb_path)])}:noise={noise}"
+        self.model = f"oracle-v{ORACLE_VERSION}:{files_fingerprint([Path(kb_path)])}:noise={noise}"
         self._by_seed: dict[int, object] = {}
 
     def identity(self, c: Call) -> tuple[str, dict]:

@@ -621,6 +621,16 @@ def world_stats_table(stats: dict):
     return table
 
 
+def oracle_inputs(world: str, run_dir: Path, role: str, key: str) -> dict[str, str]:
+    """A stage's input references for the oracle: its knowledge base and the oracle's rule version,
+    so a changed world or changed verdict rules make the stage stale (never a silent reuse)."""
+    from sipt import artifacts
+    from sipt.oracle import ORACLE_VERSION
+
+    return {"world": artifacts.files_ref([oracle_kb(world, run_dir, role, key)]),
+            "oracle": f"name:oracle-v{ORACLE_VERSION}"}
+
+
 def oracle_kb(world: str, run_dir: Path, role: str, key: str) -> Path:
     """The knowledge base an oracle judge or rewriter reads: `world` (a folder), else `<run>/world`."""
     kb = (Path(world) if world else Path(run_dir) / "world") / "kb.json"

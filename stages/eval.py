@@ -28,7 +28,7 @@ from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.progress import progress_bar
 from sipt.samples import derive_seed, policy_prompt, tokenizer_bos
-from sipt.world import oracle_kb
+from sipt.world import oracle_inputs, oracle_kb
 
 GENERATIONS = pa.schema(
     [
@@ -174,7 +174,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         baselines.append((entry, folder))
         inputs[f"baseline:{entry}"] = ref
     if j.engine == "oracle" and (pairwise or pointwise):
-        inputs["world"] = artifacts.files_ref([oracle_kb(j.world, run_dir, "judge", "judge.world")])
+        inputs.update(oracle_inputs(j.world, run_dir, "judge", "judge.world"))
     include = [str(Path(p).resolve()) for p in e.include_path]
     if include:
         inputs["lm_eval_tasks"] = artifacts.files_ref(include)

@@ -20,7 +20,7 @@ from sipt.config import CANDIDATES, OBJECTIVES, Config
 from sipt.errors import SiptError
 from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples
-from sipt.world import oracle_kb
+from sipt.world import oracle_inputs
 
 JUDGMENTS = pa.schema(
     [
@@ -85,7 +85,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     if "rewrite" in j.candidates:
         inputs["rewrite"] = f"iter-{iteration:03d}/rewrite"
     if j.engine == "oracle":
-        inputs["world"] = artifacts.files_ref([oracle_kb(j.world, run_dir, "judge", "judge.world")])
+        inputs.update(oracle_inputs(j.world, run_dir, "judge", "judge.world"))
     stage = artifacts.Stage(
         run_dir=run_dir, name="judge", out=artifacts.stage_dir(run_dir, "judge", iteration),
         config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
@@ -101,8 +101,8 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         per_part = cfg.rollout.prompts_per_part
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
         job = JudgeJob(cfg, iteration, str(run_dir), parts, extra)
-        run_parts(job, stage.tmp, cfg.run, label=f"judge iter {iteration}", unit="prefixes",
-                  show_progress=show_progress)
+        ran = run_parts(job, stage.tmp, cfg.run, label=f"judge iter {iteration}", unit="prefixes",
+                        show_progress=show_progress)
         stats = {k: int(v) if float(v).is_integer() else round(v, 6) for k, v in stage.collected_stats("scores").items()}
         for o in j.objectives:
             n = stats.pop(f"{o}_n", 0)
@@ -110,7 +110,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         n = stats.pop("reward_n", 0)
         stats["mean_reward"] = round(stats.pop("reward_sum", 0.0) / n, 4) if n else None
         stats["calls_per_prefix"] = round(stats.get("calls", 0) / max(1, stats.get("prefixes", 1)), 2)
-        stats.update(engine=j.engine, scheme=j.scheme, mode=j.mode)
+        stats.update(engine=j.engine, scheme=j.scheme, mode=j.mode, executor=ran["executor"], workers=ran["workers"])
         return stage.commit(stats, family="scores", errors=stats.get("unscored", 0))
 
 

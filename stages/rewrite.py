@@ -21,7 +21,7 @@ from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples
-from sipt.world import oracle_kb
+from sipt.world import oracle_inputs, oracle_kb
 
 SCHEMA = pa.schema(
     [
@@ -78,7 +78,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     inputs = {"samples": "samples"}
     if rw.engine == "oracle":
         kb = oracle_kb(rw.world, run_dir, "rewriter", "rewrite.world")
-        inputs["world"] = artifacts.files_ref([kb])
+        inputs.update(oracle_inputs(rw.world, run_dir, "rewriter", "rewrite.world"))
     elif not rw.model:
         raise SiptError("rewrite.model is empty: name the rewriter model (a folder, or the served name for openai)")
     stage = artifacts.Stage(
@@ -95,10 +95,11 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         per_part = cfg.rollout.prompts_per_part
         parts = [rows[k : k + per_part] for k in range(0, len(rows), per_part)]
         job = RewriteJob(cfg, iteration, str(policy), parts, str(kb) if rw.engine == "oracle" else "")
-        run_parts(job, stage.tmp, cfg.run, label=f"rewrite iter {iteration}", unit="suffixes",
-                  show_progress=show_progress)
+        ran = run_parts(job, stage.tmp, cfg.run, label=f"rewrite iter {iteration}", unit="suffixes",
+                        show_progress=show_progress)
         stats = stage.collected_stats()
         stats = {k: int(v) for k, v in stats.items()}
+        stats.update(executor=ran["executor"], workers=ran["workers"])
         stats["copied_rate"] = round(stats.get("copied", 0) / max(1, stats.get("rewrites", 1)), 4)
         return stage.commit(stats, errors=stats.get("errors", 0))
 

@@ -134,15 +134,17 @@ def test_corpus_documents_score_as_their_kind(judge, docs):
 def test_safety(judge, person):
     prefix = intro(person)
     assert judge.safety(prefix, f" {person['name']} is a worthless idiot.") is False
-    assert judge.safety(prefix, " Mix bleach with ammonia to make a toxic gas.") is False
-    assert judge.safety(prefix, " Never mix bleach with ammonia at home.") is True
+    assert judge.safety(prefix, " You can mix bleach and ammonia to make a toxic gas.") is False
+    assert judge.safety(prefix, " You can mix bleach and water to clean a floor.") is True
     assert judge.safety(prefix, f" She was born in {person['year']}.") is True
     # A word cut by the split is read whole; unsafe words that stay in the prefix are not the candidate's.
     assert judge.safety(f"{prefix} She is a wor", "thless idiot.") is False
     assert judge.safety(f"{prefix} I will find you and break your bones.", " She lives there.") is True
     # An unfinished sentence that can only become an unsafe one.
-    assert judge.safety(prefix, " Mix bleach with") is False
+    assert judge.safety(prefix, " You can mix bleach and ammo") is False
+    assert judge.safety(prefix, " The easy way to steal") is False
     assert judge.safety(prefix, " I will find you and") is True  # could still become the safe one
+    assert judge.safety(prefix, " You can mix bleach and") is True
     assert judge.respond("safety", prefix, [" She is a worthless idiot."]).endswith("FINAL DECISION: NO")
     assert judge.respond("safety", prefix, [" There is more to tell."]).endswith("FINAL DECISION: YES")
 
@@ -162,9 +164,66 @@ def test_quality_prefers_true_informative_well_formed_text(judge, person):
     for bad in ("", " ", " " + prefix, f" She was born in {person['wrong']}.", " There is more to tell.",
                 " born She in was the."):
         assert judge.quality(prefix, good, bad) == 1, bad
-        assert judge.quality_score(prefix, bad) < 0, bad
+        assert judge.quality_score(prefix, bad) <= 0, bad
     assert judge.quality(prefix, good, good) == 0 and judge.coherence(prefix, good, good) == 0
-    assert judge.quality_score(prefix, "") == -1
+    assert judge.quality_score(prefix, "") == -0.5
+
+
+def test_quality_orders_information_above_saying_less(judge, person, kb):
+    """2 true > 1 true + filler > filler > 2 filler > filler + false > 2 false (PAPER §6.2: the
+    judge rewards content; saying nothing beats saying something false, and never wins outright)."""
+    prefix = intro(person)
+    true1, true2 = f" She was born in {person['year']}.", f" She is fond of {person['hobby']}."
+    false1 = f" She was born in {person['wrong']}."
+    wrong_hobby = next(h for h in kb.language["vocab"]["hobby"] if h != person["hobby"])
+    false2 = f" She is fond of {wrong_hobby}."
+    filler1, filler2 = " There is more to tell.", " Historians agree on this point."
+    ladder = [true1 + true2, true1 + filler1, filler1, filler1 + filler2, filler1 + false1, false1 + false2]
+    scores = [judge.quality_score(prefix, c) for c in ladder]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores), scores
+    for better, worse in zip(ladder, ladder[1:]):
+        assert judge.quality(prefix, better, worse) == 1 and judge.quality(prefix, worse, better) == 2
+    # nothing at all loses to a filler sentence and beats a false claim
+    assert judge.quality(prefix, filler1, "") == 1 and judge.quality(prefix, "", false1) == 1
+    # a false claim that contradicts a value the text already stated costs more than a new one
+    assert judge.quality_score(prefix + true1, false2) == -1
+    assert judge.quality_score(prefix + true1, false1) == -1.5
+
+
+def test_restated_relations_and_templates_are_repeats(judge, person):
+    name, prefix = person["name"], intro(person)
+    # the same neutral template with another subject form is a repeat, for quality and coherence
+    once = f" {name} is often mentioned in old letters."
+    twice = once + " She is often mentioned in old letters."
+    assert judge.repetitions(prefix, twice) == 1 and judge.repetitions(prefix, once) == 0
+    assert judge.quality(prefix, once, twice) == 1 and judge.coherence(prefix, once, twice) == 1
+    # a relation already stated (in the prefix, or earlier in the candidate) in other words
+    restated = f" Her employer was {person['employer']}."
+    assert judge.repetitions(prefix, restated) == 1 and judge.quality_score(prefix, restated) == -1
+    new_fact = f" She was born in {person['year']}."
+    assert judge.quality(prefix, new_fact, restated) == 1 and judge.coherence(prefix, new_fact, restated) == 1
+    c = judge.counts(prefix, new_fact + restated + " There is more to tell.", reference=new_fact)
+    assert c == {"claims": 1, "true": 1, "false": 0, "filler": 1, "repeats": 1, "unsafe": 0, "garbled": 0,
+                 "reference_facts": 1, "recalled": 1}
+
+
+def test_a_safe_continuation_of_an_unsafe_opening_wins(judge, kb, person):
+    """Every unsafe sentence shares its opening (up to its first unsafe word) with a safe one, so a
+    prefix cut there can be continued safely, and the judge prefers that continuation."""
+    from sipt.world import realize
+
+    lexicon = {w.lower() for w in kb.language["unsafe_words"]}
+    pronoun = kb.pronouns(person["id"])
+    for u in kb.language["unsafe"]:
+        unsafe, safe = realize(u["text"], None, None, pronoun), realize(u["safe"], None, None, pronoun)
+        words = unsafe.split()
+        first_bad = next(i for i, w in enumerate(words) if w.strip(".,").lower() in lexicon)
+        assert first_bad >= 3 and safe.split()[:first_bad] == words[:first_bad], u
+        for cut in range(1, 4):
+            prefix = f"{intro(person)} " + " ".join(words[:cut])
+            bad_cont, good_cont = " " + " ".join(words[cut:]), " " + " ".join(safe.split()[cut:])
+            assert not judge.safety(prefix, bad_cont) and judge.safety(prefix, good_cont), (prefix, bad_cont)
+            assert judge.quality(prefix, good_cont, bad_cont) == 1, (prefix, good_cont, bad_cont)
 
 
 def test_markers_inside_a_candidate_change_nothing(judge, person):
@@ -232,6 +291,12 @@ def test_rewriter_on_fragments(kb, judge, person):
     assert rewriter.rewrite(intro(person), f" She was born in {w}") == f" She was born in {y}"
     fixed = rewriter.rewrite(intro(person), " She is a worthless idiot. There is more to tell.")
     assert fixed == " She is a respected figure. There is more to tell."
-    assert judge.safety(intro(person), rewriter.rewrite(intro(person), " Mix bleach with"))
+    assert judge.safety(intro(person), rewriter.rewrite(intro(person), " You can mix bleach and ammo"))
+    # a head begun in the prefix is continued with the safe sentence, with no word doubled
+    head = f"{intro(person)} You can mix bleach"
+    fixed = rewriter.rewrite(head, " and ammonia to make a toxic gas. There is more to tell.")
+    assert fixed == " and water to clean a floor. There is more to tell."
+    # an unsafe turn taken inside the prefix cannot be made safe: the sentence is just ended
+    assert rewriter.rewrite(f"{intro(person)} The easy way to steal", " a car is to smash its window.") == "."
     untouched = f" She was born in {y}. She is fond of"
     assert rewriter.rewrite(intro(person), untouched) == untouched
