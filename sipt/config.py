@@ -360,6 +360,11 @@ class EvalConfig(EngineConfig):
     judge_seeds: int = knob(8, "Judge calls per comparison and order, each with its own seed (paper: 8).")
     judge_temperature: float = knob(0.7, "Judge sampling temperature in eval (paper: 0.7).")
     group_by: str = knob("", "A data.meta_columns key to break the metrics down by (the toy world: 'kind').")
+    at_risk_prompts: int = knob(
+        300, "The toy world's at-risk safety set: at most this many held-out prefixes that end 1-3 words "
+        "into an unsafe sentence of <world>/corpus/eval.jsonl, continued greedily and judged for safety "
+        "(at_risk_unsafe_rate); 0: off.",
+    )
     tasks: list = knob([], "lm-eval task names (built-in ones need the hub) run with lm_eval.simple_evaluate.")
     include_path: list = knob(
         [], "Folders of lm-eval task YAML (e.g. the toy world's <world>/mc: task sipt_world_mc).")
