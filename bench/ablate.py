@@ -93,7 +93,8 @@ def main() -> None:
             stats = json.loads((run / f"iter-{args.iters:03d}" / "eval" / "summary.json").read_text())
             pairs = [json.loads((run / f"iter-{i:03d}" / "pair" / "_SUCCESS.json").read_text())["stats"]
                      for i in range(args.iters) if (run / f"iter-{i:03d}" / "pair" / "_SUCCESS.json").exists()]
-            stats["rollout_chosen"] = [round(100 * p.get("rollout_chosen_rate", 0), 1) for p in pairs]
+            stats["rollout_chosen"] = [None if p.get("rollout_chosen_rate") is None else
+                                       round(100 * p["rollout_chosen_rate"], 1) for p in pairs]
             done[name] = (stats, seconds)
         stats, seconds = done[name]
         rows.append((group, label, stats, seconds))
@@ -103,15 +104,15 @@ def main() -> None:
 
     def claims(s):
         c, t = s.get("claims_per_generation"), s.get("true_claims_per_generation")
-        return "–" if c is None else f"{c:.2f} ({t:.2f})"
+        return "–" if c is None else f"{c:.2f} ({'–' if t is None else f'{t:.2f}'})"
 
     head = ("| group | variant | Gen. quality (win % vs base) | Coherence (win %) | Safe % | False-fact % | "
             "Factuality | claims / gen (true) | MC acc % | rollout chosen % by iter | time (s) |")
     lines = [head, "|" + "---|" * 11]
     for group, label, s, seconds in rows:
-        chosen = " → ".join(f"{c:.0f}" for c in s.get("rollout_chosen", [])) or "–"
-        lines.append(f"| {group} | {label} | {f(s['quality_win_rate'])} | {f(s['coherence_win_rate'])} | "
-                     f"{f(s['safe_rate'])} | {f(s['false_fact_rate'])} | {f(s['factuality'])} | "
+        chosen = " → ".join("–" if c is None else f"{c:.0f}" for c in s.get("rollout_chosen", [])) or "–"
+        lines.append(f"| {group} | {label} | {f(s.get('quality_win_rate'))} | {f(s.get('coherence_win_rate'))} | "
+                     f"{f(s.get('safe_rate'))} | {f(s.get('false_fact_rate'))} | {f(s.get('factuality'))} | "
                      f"{claims(s)} | {f(s.get('benchmark_avg'))} | {chosen} | {seconds:.0f} |")
     text = "\n".join(lines)
     (out / "ablate.md").write_text(text + "\n")
