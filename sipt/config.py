@@ -301,6 +301,12 @@ class TrainConfig:
     )
     beta: float = knob(0.1, "DPO temperature beta of the sigmoid loss.")
     ntp_weight: float = knob(0.0, "Weight of an NTP loss on the samples' suffixes mixed into dpo / rf-nll.")
+    ntp_span: str = knob(
+        "document", "What objective = ntp trains on: document (prefix + suffix + the rest of the document, "
+        "up to data.max_prefix_tokens after the suffix, and EOS where it ends: plain pretraining) or sample "
+        "(prefix + suffix only).",
+        choices=("document", "sample"),
+    )
     reference: str = knob(
         "iteration", "DPO reference model: the policy the iteration starts from, or the initial policy.",
         choices=("iteration", "initial"),

@@ -27,6 +27,10 @@ SCHEMA = pa.schema(
         ("split", pa.string()),  # "train" or "eval" (held out by document)
         ("prefix_ids", pa.list_(pa.int32())),
         ("suffix_ids", pa.list_(pa.int32())),
+        # the document after the suffix, at most data.max_prefix_tokens tokens, then EOS if the
+        # document ends there: what NTP with train.ntp_span = "document" also trains on, so plain
+        # pretraining sees whole documents and learns where they end
+        ("rest_ids", pa.list_(pa.int32())),
         ("prefix_text", pa.string()),
         ("suffix_text", pa.string()),
         ("source", pa.string()),
@@ -93,6 +97,7 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
         kept.append(doc)
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     backend = tok.backend_tokenizer
+    eos = tok.eos_token_id
     for start in range(0, len(kept), d.tokenize_batch_size):
         batch = kept[start : start + d.tokenize_batch_size]
         encodings = backend.encode_batch([doc.text for doc in batch], add_special_tokens=False)
@@ -121,6 +126,8 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
                 cols["split"].append("eval" if held_out else "train")
                 cols["prefix_ids"].append(ids[p0:s])
                 cols["suffix_ids"].append(ids[s:end])
+                ends = end + d.max_prefix_tokens >= len(ids) and eos is not None
+                cols["rest_ids"].append(ids[end : end + d.max_prefix_tokens] + ([eos] if ends else []))
                 cols["prefix_text"].append(doc.text[c0:c1])
                 cols["suffix_text"].append(doc.text[c1:c2])
                 cols["source"].append(doc.source)

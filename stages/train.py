@@ -79,10 +79,16 @@ def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
     """What one iteration trains on: pairs (dpo, rf-nll) or the samples' documents (ntp)."""
     t = cfg.train
     if t.objective == "ntp":
-        table, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
-                                     columns=["sample_id", "prefix_ids", "prefix_start", "suffix_ids"])
+        whole = t.ntp_span == "document"
+        columns = ["sample_id", "prefix_ids", "prefix_start", "suffix_ids"] + (["rest_ids"] if whole else [])
+        try:
+            table, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter, columns=columns)
+        except KeyError:
+            raise SiptError(f"{run_dir}/samples: no rest_ids column (made by an older sipt shard); rerun "
+                            "`sipt shard --force`, or set train.ntp_span = 'sample'") from None
         return [{"sample_id": r["sample_id"], "prefix_ids": [], "prefix_start": r["prefix_start"],
-                 "chosen_ids": r["prefix_ids"] + r["suffix_ids"], "rejected_ids": []}
+                 "chosen_ids": r["prefix_ids"] + r["suffix_ids"] + (r["rest_ids"] if whole else []),
+                 "rejected_ids": []}
                 for r in table.to_pylist()]
     folder = artifacts.stage_dir(run_dir, "pair", iteration)
     table = artifacts.read_table(folder)

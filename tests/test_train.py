@@ -137,6 +137,38 @@ def test_nll_objectives_lower_their_loss(paired, objective):
     assert (run / "iter-001" / "policy" / "model.safetensors").exists()
 
 
+def test_ntp_trains_on_whole_documents_or_on_samples(paired):
+    """ntp_span = document: prefix + suffix + the rest of the document and EOS (plain pretraining);
+    sample: prefix + suffix only. The shard's rest_ids is the document after the suffix."""
+    from stages.train import load_examples
+
+    from conftest import make_docs
+    from transformers import AutoTokenizer
+
+    run, cfg = paired
+    samples = artifacts.read_table(run / "samples").to_pylist()
+    docs = make_docs(300, seed=1)  # the corpus_dir fixture's documents; doc ids are "<source>:<row>"
+    tok = AutoTokenizer.from_pretrained(run / "iter-000" / "policy")
+    for r in samples[:20]:
+        ids = tok(docs[int(r["doc_id"].rsplit(":", 1)[1])], add_special_tokens=False).input_ids
+        s = r["prefix_start"] + len(r["prefix_ids"]) + len(r["suffix_ids"])
+        ends = s + cfg.data.max_prefix_tokens >= len(ids)  # the document ends: EOS follows it
+        assert r["rest_ids"] == ids[s : s + cfg.data.max_prefix_tokens] + [tok.eos_token_id] * ends
+    assert any(r["rest_ids"] for r in samples)
+    assert any(r["rest_ids"][-1:] == [tok.eos_token_id] for r in samples)  # whole documents end with EOS
+    part = {e["sample_id"]: e["chosen_ids"] for e in
+            load_examples(run, config_mod.resolve(run, overrides={"train.ntp_span": "sample", "train.objective": "ntp"},
+                                                   force=True), 0)}
+    cfg_ntp = config_mod.resolve(run, overrides={"train.ntp_span": "document", "train.objective": "ntp"}, force=True)
+    whole = {e["sample_id"]: e["chosen_ids"] for e in load_examples(run, cfg_ntp, 0)}
+    by_id = {r["sample_id"]: r for r in samples}
+    for sid, seq in whole.items():
+        r = by_id[sid]
+        assert seq == r["prefix_ids"] + r["suffix_ids"] + r["rest_ids"]
+        assert part[sid] == r["prefix_ids"] + r["suffix_ids"]
+    assert any(len(whole[k]) > len(part[k]) for k in whole)
+
+
 def test_empty_pairs_is_a_clear_error_and_no_policy(paired):
     run, cfg = paired
     write_pairs(run, 0, cfg, rows=[])
