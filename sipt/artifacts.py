@@ -75,7 +75,8 @@ def fingerprint(run_dir: Path, ref: str) -> str | None:
     """Current fingerprint of an input reference, as recorded in a manifest's `inputs`.
 
     `ref` is a folder relative to the run (its `_SUCCESS.json` is hashed), `files:<json list>` for
-    external files, or `name:<text>` for inputs that can only be named (a hub dataset).
+    external files, `name:<text>` for inputs that can only be named (a hub dataset), or
+    `oracle:rules` for the toy world oracle's current rule version.
     """
     if ref.startswith("files:"):
         paths = [Path(p) for p in json.loads(ref[6:])]
@@ -84,6 +85,10 @@ def fingerprint(run_dir: Path, ref: str) -> str | None:
         return files_fingerprint(paths)
     if ref.startswith("name:"):
         return _sha(ref.encode())
+    if ref == "oracle:rules":  # the toy world oracle's verdict rules, as the code now has them
+        from sipt.oracle import ORACLE_VERSION
+
+        return _sha(f"oracle-v{ORACLE_VERSION}".encode())
     marker = Path(run_dir) / ref / SUCCESS
     return _sha(marker.read_bytes()) if marker.exists() else None
 

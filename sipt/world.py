@@ -625,10 +625,8 @@ def oracle_inputs(world: str, run_dir: Path, role: str, key: str) -> dict[str, s
     """A stage's input references for the oracle: its knowledge base and the oracle's rule version,
     so a changed world or changed verdict rules make the stage stale (never a silent reuse)."""
     from sipt import artifacts
-    from sipt.oracle import ORACLE_VERSION
 
-    return {"world": artifacts.files_ref([oracle_kb(world, run_dir, role, key)]),
-            "oracle": f"name:oracle-v{ORACLE_VERSION}"}
+    return {"world": artifacts.files_ref([oracle_kb(world, run_dir, role, key)]), "oracle": "oracle:rules"}
 
 
 def oracle_kb(world: str, run_dir: Path, role: str, key: str) -> Path:

@@ -290,6 +290,22 @@ def test_rerun_and_resume_make_no_repeated_calls(wrun, tmp_path, monkeypatch):
             artifacts.read_table(clean / "iter-000" / "judge", prefix=family))
 
 
+def test_a_new_oracle_version_makes_judgments_stale_and_misses_the_cache(wrun, monkeypatch):
+    """Changed verdict rules (ORACLE_VERSION) must never be served from old judgments: the judge
+    stage turns stale through its input fingerprints, and the rerun makes every call afresh."""
+    import sipt.oracle
+
+    cfg = world_cfg(wrun, **{"judge.objectives": ["quality", "safety"]})
+    first = judge.run(wrun, cfg, 0, show_progress=False)
+    assert first["stats"]["new_calls"] > 0
+    assert judge.run(wrun, cfg, 0, show_progress=False).get("skipped")
+    monkeypatch.setattr(sipt.oracle, "ORACLE_VERSION", sipt.oracle.ORACLE_VERSION + 1)
+    states = {r["stage"]: r for r in artifacts.run_status(wrun) if r["iteration"] == 0}
+    assert states["judge"]["state"] == "stale" and "oracle" in states["judge"]["detail"]
+    again = judge.run(wrun, cfg, 0, show_progress=False)
+    assert not again.get("skipped") and again["stats"]["new_calls"] == first["stats"]["new_calls"]
+
+
 def test_judge_config_errors_are_clear(wrun, tmp_path):
     with pytest.raises(SiptError, match="judge.objectives .* use distinct values from quality, safety"):
         judge.run(wrun, world_cfg(wrun, **{"judge.objectives": ["helpfulness"]}), 0, show_progress=False)
