@@ -9,7 +9,7 @@ DEMO   ?= data/configs/demo.toml
 PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench     run the benchmarks and print their tables"
 	@echo "make base|ntp|sipt|report   one part of the demo (each a \`sipt loop\`)"
 	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|eval|status   one stage of the sipt run's iteration 0"
+	@echo "make replicate the demo on 3 world seeds (runs/replicate), then mean and spread of every metric"
 	@echo "make ablate    rollouts, schemes, update rules and candidates from the demo's warm start"
 	@echo "make models    export SmolLM2-135M-Instruct to runs/models/smollm2 (for data/configs/smol.toml)"
 	@echo "make docs      regenerate the README's config reference from the code"
@@ -46,31 +47,41 @@ test-main: install
 test-vllm: vllm-env install
 	$(VLLM_VENV)/bin/python -m pytest -m vllm $(PYTEST_ARGS)
 
-# The demo (DESIGN §7) is three runs under $(RUN) that share one toy world:
-#   base  next-token prediction from a fresh tiny Llama: the warm start (the paper's "Llama Base")
+# The demo (DESIGN §7) is three runs under $(RUN) that share one toy world (world seed $(SEED)):
+#   base  next-token prediction on whole documents from a fresh tiny Llama: the warm start
 #   ntp   the pretrain baseline: NTP continued from base on the same samples as sipt
 #   sipt  self-improving pretraining continued from base
-# Each is `sipt loop`; rerunning a target skips what is done and resumes what failed.
-WARM_ITERS ?= 4
+# Each is `sipt loop`; rerunning a target skips what is done and resumes what failed. Every path
+# in the config is redirected under $(RUN), so `make loop RUN=runs/seed1 SEED=1` is a second demo.
+SEED   ?= 0
+WARM_ITERS ?= 6
 WARM   := --set model.policy='""' --set train.objective='"ntp"' --set run.prompts_per_iter=2700 \
           --set run.iterations=$(WARM_ITERS) --set train.lr=3e-3 --set train.batch_size=32 \
           --set train.micro_batch_size=32 --set train.warmup_steps=20
+PATHS  := --set data.inputs='["$(RUN)/world/corpus"]' --set rewrite.world='"$(RUN)/world"' \
+          --set judge.world='"$(RUN)/world"' --set eval.include_path='["$(RUN)/world/mc"]'
 LOOP_FLAGS ?=
 WARM_POLICY := $(RUN)/base/iter-$(shell printf %03d $(WARM_ITERS))/policy
-FROM_BASE := --set model.policy='"$(WARM_POLICY)"'
+FROM_BASE := --set model.policy='"$(WARM_POLICY)"' $(PATHS)
+SIPT_SET  := $(FROM_BASE) --set eval.baselines='["initial", "$(RUN)/ntp"]'
 
 world: install
-	$(BIN)/sipt world --config $(DEMO) --out $(RUN)/world
+	$(BIN)/sipt world --config $(DEMO) --out $(RUN)/world --seed $(SEED)
 
 base: world
-	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/base $(WARM) --no-eval $(LOOP_FLAGS)
+	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/base $(WARM) $(PATHS) --no-eval $(LOOP_FLAGS)
 
 ntp: base
 	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/ntp $(FROM_BASE) --set train.objective='"ntp"' \
 		--set eval.baselines='["initial"]' $(LOOP_FLAGS)
 
+# The warm start is evaluated and checked (the table printed) before SIPT trains from it.
 sipt: ntp
-	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/sipt $(FROM_BASE) $(LOOP_FLAGS)
+	$(BIN)/sipt init --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET)
+	$(BIN)/sipt shard --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET)
+	$(BIN)/sipt eval --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
+	$(BIN)/sipt check-warm-start --run $(RUN)/sipt --iter 0
+	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) $(LOOP_FLAGS)
 
 report: install
 	$(BIN)/sipt report --run $(RUN)/sipt --compare $(RUN)/ntp
@@ -78,33 +89,39 @@ report: install
 loop: sipt
 	$(BIN)/sipt report --run $(RUN)/sipt --compare $(RUN)/ntp
 
+# The demo on 3 world seeds (runs/replicate/seed-N), then mean and spread across them.
+REPLICATE_SEEDS ?= 0 1 2
+replicate: install
+	@for s in $(REPLICATE_SEEDS); do $(MAKE) --no-print-directory loop RUN=runs/replicate/seed-$$s SEED=$$s || exit 1; done
+	$(BIN)/sipt replicate-report $(foreach s,$(REPLICATE_SEEDS),runs/replicate/seed-$(s)) --out runs/replicate/replicate.md
+
 # One stage of the sipt run's iteration 0, for trying a stage by hand.
 init: base
-	$(BIN)/sipt init --config $(DEMO) --run $(RUN)/sipt $(FROM_BASE)
+	$(BIN)/sipt init --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET)
 
 shard: init
-	$(BIN)/sipt shard --config $(DEMO) --run $(RUN)/sipt
+	$(BIN)/sipt shard --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET)
 
 status: install
 	$(BIN)/sipt status --run $(RUN)/sipt
 
 rollout: shard
-	$(BIN)/sipt rollout --config $(DEMO) --run $(RUN)/sipt --iter 0
+	$(BIN)/sipt rollout --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
 
 rewrite: shard
-	$(BIN)/sipt rewrite --config $(DEMO) --run $(RUN)/sipt --iter 0
+	$(BIN)/sipt rewrite --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
 
 judge: rollout rewrite
-	$(BIN)/sipt judge --config $(DEMO) --run $(RUN)/sipt --iter 0
+	$(BIN)/sipt judge --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
 
 pair: judge
-	$(BIN)/sipt pair --config $(DEMO) --run $(RUN)/sipt --iter 0
+	$(BIN)/sipt pair --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
 
 train: pair
-	$(BIN)/sipt train --config $(DEMO) --run $(RUN)/sipt --iter 0
+	$(BIN)/sipt train --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
 
 eval: train
-	$(BIN)/sipt eval --config $(DEMO) --run $(RUN)/sipt --iter 1
+	$(BIN)/sipt eval --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 1
 
 models: install
 	$(BIN)/sipt models smollm2 --out runs/models/smollm2

@@ -282,6 +282,66 @@ def loop(
     out.print(f"[green]loop[/] {run}: {cfg.run.iterations} iterations done in {time.perf_counter() - t0:.1f} s")
 
 
+@app.command("replicate-report")
+def replicate_report(
+    roots: Annotated[list[Path], typer.Argument(help="Demo folders, one per world seed, each with sipt/ and ntp/ runs.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the Markdown here.")] = None,
+):
+    """Mean and spread over world seeds of the demo's SIPT and NTP runs (what `make replicate` prints)."""
+    from stages import report as stage
+
+    missing = [r for r in roots if not (r / "sipt").exists() or not (r / "ntp").exists()]
+    if missing:
+        raise SiptError(f"{missing[0]}: no sipt/ and ntp/ runs here; run `make loop RUN={missing[0]}` first")
+    md = stage.replicate_table([("sipt", [r / "sipt" for r in roots]), ("ntp", [r / "ntp" for r in roots])])
+    if out_file:
+        out_file.write_text(md + "\n")
+    print(md)
+
+
+# The warm start the demo's SIPT and NTP runs continue from must know its facts and write text, not
+# loops (issue #12): otherwise win rates compare loops with loops. (summary key, label, bound, >= or <=)
+WARM_START_CHECKS = [
+    ("claim_precision", "claim precision % (true / all fact claims)", 50.0, ">="),
+    ("benchmark_avg", "MC accuracy % (sipt_world_mc)", 80.0, ">="),
+    ("repeat_share", "greedy generations that repeat a sentence %", 20.0, "<="),
+]
+
+
+@app.command("check-warm-start")
+def check_warm_start(
+    run: RunOpt,
+    iteration: Annotated[int, typer.Option("--iter", help="The evaluated iteration whose policy is checked.")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a check fails (default: warn).")] = False,
+):
+    """Check that an evaluated policy is a usable warm start: it states mostly true facts, passes the
+    toy world's MC task and does not loop (thresholds in the table)."""
+    from sipt import artifacts
+
+    m = artifacts.read_manifest(artifacts.stage_dir(run, "eval", iteration))
+    if m is None:
+        raise SiptError(f"{run}: iteration {iteration} has no finished eval; run `sipt eval --run {run} --iter {iteration}`")
+    stats = m["stats"]
+    table = Table(title=f"warm start: {run} iter {iteration} ({stats.get('n', '?')} held-out prompts, 1 seed)")
+    for col in ("check", "value [95% CI]", "needed", "result"):
+        table.add_column(col)
+    failed = []
+    for key, label, bound, op in WARM_START_CHECKS:
+        v = stats.get(key)
+        ci = (stats.get("ci") or {}).get(key)
+        ok = v is not None and (v >= bound if op == ">=" else v <= bound)
+        if not ok:
+            failed.append(label)
+        shown = "–" if v is None else f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+        table.add_row(label, shown, f"{op} {bound:g}", "[green]pass[/]" if ok else "[red]FAIL[/]")
+    out.print(table)
+    if failed:
+        out.print(f"[yellow]warning:[/] the warm start fails: {escape(', '.join(failed))}; SIPT-vs-NTP results from "
+                  "it compare weak policies (train it longer: WARM_ITERS, or a smaller world)")
+        if strict:
+            raise typer.Exit(1)
+
+
 @app.command()
 def report(
     run: RunOpt,
