@@ -141,8 +141,6 @@ def environment() -> dict:
         _STATIC_ENV = {"sipt": __version__, "python": platform.python_version(), "cpu": cpu, "isa": isa,
                        "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
     env = dict(_STATIC_ENV)
-    from importlib import metadata
-
     for lib in ("torch", "transformers", "vllm"):  # only the libraries this process actually uses
         if lib in sys.modules:
             env[lib] = getattr(sys.modules[lib], "__version__", None) or _dist_version(lib)
