@@ -52,11 +52,11 @@ def run_parts(job, tmp: Path, run_cfg, *, label: str, unit: str = "", show_progr
     if executor not in EXECUTORS:
         raise SiptError(f"run.executor = {executor!r}: use one of {', '.join(EXECUTORS)}")
     todo = [k for k in range(len(job.parts)) if not _complete(job, tmp, k)]
-    return {"executor": executor, "workers": workers, **_run_todo(job, todo, tmp, run_cfg, label, unit, show_progress)}
+    return {"executor": executor, "workers": workers,
+            **_run_todo(job, todo, tmp, run_cfg, executor, workers, label, unit, show_progress)}
 
 
-def _run_todo(job, todo, tmp, run_cfg, label, unit, show_progress) -> dict:
-    executor, workers = run_cfg.executor, max(1, run_cfg.workers)
+def _run_todo(job, todo, tmp, run_cfg, executor, workers, label, unit, show_progress) -> dict:
     if not todo:
         return {"engine_load_s": 0.0, "engine_close_s": 0.0}
     total = sum(job.weight(k) for k in range(len(job.parts)))
