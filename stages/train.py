@@ -308,6 +308,8 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
         random.Random(derive_seed(cfg.run.seed, "train", iteration, epoch)).shuffle(idx)
         order += idx
     log_path = tmp / "log.jsonl"
+    if dist.main:
+        _truncate_log(log_path, step)
     log = open(log_path, "a") if dist.main else None
     tb = _tensorboard(tmp) if (t.tensorboard and dist.main) else None
     last = {}
@@ -441,6 +443,24 @@ def _save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int)
                 "global_step": global_step, "step": step, "rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps({"global_step": global_step, "step": step}))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of the steps up to `step` (the restored checkpoint's, 0 without one): a
+    resumed stage redoes the steps after it and logs them again. A line cut by a kill is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("iter_step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _full_state_dict(train_model, model, fsdp: bool):

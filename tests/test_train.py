@@ -188,6 +188,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(paired):
     assert {r["stage"]: r["state"] for r in artifacts.run_status(run) if r["iteration"] == 0}["train"] == "failed"
 
 
+def test_resumed_train_logs_every_step_once(paired, monkeypatch):
+    run, cfg = paired
+    cfg = config_mod.resolve(run, overrides={"train.checkpoint_every": 2, "train.epochs": 2}, force=True)
+    calls = {"n": 0}
+    real_loss = train._loss
+
+    def crash_in_step_4(*args, **kwargs):  # 2 micro-batches a step: the 7th call is step 4's
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_loss", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.run(run, cfg, 0, show_progress=False)
+    log = run / "iter-000" / ".train.tmp" / "log.jsonl"
+    assert [json.loads(l)["iter_step"] for l in log.read_text().splitlines()] == [1, 2, 3]  # checkpoint: step 2
+    with log.open("a") as fh:
+        fh.write('{"step": 4, "iter_st')  # a line cut by the kill
+    monkeypatch.setattr(train, "_loss", real_loss)
+    manifest = train.run(run, cfg, 0, show_progress=False)
+    steps = [json.loads(l)["iter_step"] for l in (run / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, manifest["stats"]["steps"] + 1))
+
+
 def test_policy_with_another_tokenizer_is_refused(paired, tmp_path):
     from stages import init
 
