@@ -46,7 +46,7 @@ from sipt.config import OBJECTIVES, Config
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.progress import progress_bar
-from sipt.samples import derive_seed, policy_prompt, tokenizer_bos
+from sipt.samples import derive_seed, policy_prompt, read_samples, tokenizer_bos
 from sipt.world import oracle_inputs, oracle_kb
 
 GT = ("claims", "true", "false", "filler", "repeats", "unsafe", "reference_facts", "recalled")
@@ -134,7 +134,7 @@ def resolve_baseline(run_dir: Path, entry: str, iteration: int) -> tuple[Path, s
 
 def eval_samples(run_dir: Path, cfg: Config) -> list[dict]:
     e = cfg.eval
-    table = artifacts.read_table(artifacts.stage_dir(run_dir, "samples"))
+    table = read_samples(run_dir)
     table = table.filter(pc.equal(table["split"], e.split))
     if table.num_rows == 0:
         raise SiptError(f"{run_dir}/samples: no '{e.split}' samples to evaluate on; set data.eval_fraction "

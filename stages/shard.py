@@ -7,6 +7,7 @@ rerun shard writes exactly the same samples as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -76,6 +77,40 @@ def split_points(n_tokens: int, doc_id: str, cfg: Config) -> list[int]:
 
 def is_eval(doc_id: str, cfg: Config) -> bool:
     return random.Random(f"{cfg.run.seed}:heldout:{doc_id}").random() < cfg.data.eval_fraction
+
+
+class UniqueIds:
+    """Makes document ids unique in stream order, so sample ids (`<doc_id>#<j>`) are unique too.
+
+    The second document with id X becomes `X~2`, the third `X~3` (skipping any such id already
+    used). A renamed document keeps its original id's held-out decision, so copies of a document
+    stay on one side of the train / eval split; its split points follow the new id. Memory: a
+    12-byte digest per document, plus a counter per duplicated id.
+    """
+
+    def __init__(self):
+        self.seen: set[bytes] = set()
+        self.next: dict[str, int] = {}
+
+    @staticmethod
+    def _key(doc_id: str) -> bytes:
+        return hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+
+    def make_unique(self, doc: corpus.Document, cfg: Config) -> bool:
+        """Give `doc` an unused id; True if it had to be renamed."""
+        key = self._key(doc.doc_id)
+        if key not in self.seen:
+            self.seen.add(key)
+            return False
+        original, k = doc.doc_id, self.next.get(doc.doc_id, 2)
+        while self._key(f"{original}~{k}") in self.seen:
+            k += 1
+        self.next[original] = k + 1
+        doc.doc_id = f"{original}~{k}"
+        self.seen.add(self._key(doc.doc_id))
+        if doc.heldout is None:
+            doc.heldout = is_eval(original, cfg)
+        return True
 
 
 def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, dict]:
@@ -168,14 +203,16 @@ def run(run_dir: Path, cfg: Config, *, force: bool = False, show_progress: bool 
         if stage.skipped:
             return stage.manifest
         docs = corpus.iter_documents(d)
+        ids = UniqueIds()
         with progress_bar("shard", unit="docs", enabled=show_progress) as bar:
             for index in itertools.count():
                 chunk = list(itertools.islice(docs, d.docs_per_part))
                 if not chunk:
                     break
+                renamed = sum(ids.make_unique(doc, cfg) for doc in chunk)  # also for parts already written
                 if not stage.has_part(index):
                     table, stats = _process(chunk, tok, cfg)
-                    stage.write_part(index, table, stats)
+                    stage.write_part(index, table, {**stats, "renamed_doc_ids": renamed})
                 bar.advance(len(chunk))
         stats = stage.collected_stats()
         if stats.get("samples", 0) == 0:

@@ -29,7 +29,7 @@ from sipt.config import Config
 from sipt.errors import SiptError, StageInterrupted
 from sipt.losses import dpo_loss, nll_loss, sequence_logps
 from sipt.progress import progress_bar
-from sipt.samples import derive_seed, iteration_samples, policy_prompt, tokenizer_bos
+from sipt.samples import derive_seed, iteration_samples, policy_prompt, read_samples, tokenizer_bos
 
 SECTIONS = ["run.seed", "run.iterations", "run.prompts_per_iter", "train"]
 
@@ -97,7 +97,7 @@ def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
              if c in table.column_names]
     rows = table.select(cols).to_pylist()
     if cfg.train.ntp_weight:
-        samples = artifacts.read_table(artifacts.stage_dir(run_dir, "samples"), columns=["sample_id", "suffix_ids"])
+        samples = read_samples(run_dir, columns=["sample_id", "suffix_ids"])
         suffix = dict(zip(samples["sample_id"].to_pylist(), samples["suffix_ids"].to_pylist()))
         for r in rows:
             r["suffix_ids"] = suffix[r["sample_id"]]

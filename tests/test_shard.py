@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,45 @@ def test_split_column_and_rpv2_filters(run_with_policy, tmp_path):
     t = _samples(run_with_policy)
     assert sorted(int(d.split(":")[-1]) for d in t["doc_id"].to_pylist()) == [0, 4, 8, 12, 16]
     assert set(t["split"].to_pylist()) == {"train"}
+
+
+def test_duplicate_document_ids_get_unique_sample_ids(run_with_policy, tmp_path):
+    from sipt.samples import iteration_samples
+
+    docs = make_docs(12, seed=5)
+    ids = ["a", "b", "a", "c", "a", "a~2", "b", "d", "e", "f", "g", "h"]  # "a~2" is taken by a real doc
+    with (tmp_path / "dup.jsonl").open("w") as fh:
+        for i, text in zip(ids, docs):
+            fh.write(json.dumps({"id": i, "text": text}) + "\n")
+    cfg = _cfg(run_with_policy, [tmp_path / "dup.jsonl"], id_column="id", samples_per_doc=2, docs_per_part=5,
+               eval_fraction=0.5)
+    m = shard.run(run_with_policy, cfg, show_progress=False)
+    t = _samples(run_with_policy)
+    assert t["sample_id"].unique().to_pylist() == t["sample_id"].to_pylist()  # unique, in stream order
+    assert list(dict.fromkeys(t["doc_id"].to_pylist())) == ["a", "b", "a~2", "c", "a~3", "a~2~2", "b~2", "d", "e",
+                                                          "f", "g", "h"]
+    assert m["stats"]["renamed_doc_ids"] == 4
+    split = dict(zip(t["doc_id"].to_pylist(), t["split"].to_pylist()))
+    assert split["a~2"] == split["a~3"] == split["a"] and split["b~2"] == split["b"]  # copies: one side
+    iteration_samples(run_with_policy, 0, 4)  # the joins accept it
+
+
+def test_samples_with_duplicate_ids_are_refused_by_the_joins(run_with_policy, corpus_dir):
+    from sipt.samples import iteration_samples
+    from stages import eval as eval_stage
+
+    shard.run(run_with_policy, _cfg(run_with_policy, [corpus_dir], docs_per_part=100), show_progress=False)
+    first = pq.read_table(run_with_policy / "samples" / "part-00000.parquet")["sample_id"][0].as_py()
+    part = run_with_policy / "samples" / "part-00002.parquet"
+    t = pq.read_table(part)
+    ids = t["sample_id"].to_pylist()
+    ids[3] = first  # as an older sipt shard wrote a corpus with duplicate document ids
+    pq.write_table(t.set_column(0, "sample_id", pa.array(ids)), part)
+    with pytest.raises(SiptError, match=rf"samples: 1 sample_id value\(s\) occur more than once \({re.escape(repr(first))}; in "
+                                        r"part-00000.parquet, part-00002.parquet\).*sipt shard --force"):
+        iteration_samples(run_with_policy, 0, 4)
+    with pytest.raises(SiptError, match="occur more than once"):
+        eval_stage.eval_samples(run_with_policy, config_mod.resolve(run_with_policy))
 
 
 @pytest.mark.parametrize(
