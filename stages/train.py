@@ -428,7 +428,7 @@ def _rollout_logprobs(run_dir: Path, iteration: int) -> dict:
         return {}
     t = artifacts.read_table(folder, columns=["sample_id", "rollout_idx", "logprob", "prompt_truncated", "error"])
     return {(r["sample_id"], r["rollout_idx"]): r["logprob"] for r in t.to_pylist()
-            if not r["prompt_truncated"] and not r["error"]}
+            if not r["prompt_truncated"] and not r["error"] and r["logprob"] is not None}
 
 
 def _known_ref(ex: dict, side: str, known: dict) -> float | None:

@@ -329,3 +329,19 @@ def test_loop_report_and_rerun_after_a_killed_judge(wrun, tmp_path):
     assert sorted(data["pairs"]) == [0, 1, 2] and {"suffix", "rewrite", "rollout"} <= set(data["rewards"][0])
     assert len(data["loss"]) == sum(artifacts.read_manifest(wrun / f"iter-{i:03d}" / "train")["stats"]["steps"]
                                     for i in range(3))
+
+
+def test_failed_generations_are_left_out_of_every_measure(wrun):
+    # A generation the engine could not make (Generation.error) is neither judged nor counted.
+    from sipt.engines import Generation
+
+    cfg = config_mod.resolve(wrun, overrides=EVAL)
+    rows = eval_stage.eval_samples(wrun, cfg)[:4]
+    gens = [Generation([7], r["suffix_text"], -1.0, "length") for r in rows]
+    gens[1] = Generation([], "", None, "error", error="HTTP 400: prompt too long")
+    base = {"initial": [{"text": " and so on.", "error": ""} for _ in rows]}
+    points, versus, judged, _ = eval_stage._judge(wrun, cfg, rows, gens, base, ["quality"], ["safety"], 0)
+    assert [x is None for x in points["safety"]] == [False, True, False, False]
+    assert [x is None for x in versus["initial"]["quality"]] == [False, True, False, False]
+    gt = eval_stage.ground_truth(OracleJudge(cfg.judge.world), rows, gens)
+    assert [x is None for x in gt["gt_claims"]] == [False, True, False, False]

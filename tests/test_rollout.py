@@ -56,9 +56,12 @@ def test_rollout_stage_writes_n_continuations_per_prefix(sharded):
     samples = artifacts.read_table(run / "samples")
     assert sorted(set(t["sample_id"].to_pylist())) == sorted(samples["sample_id"].to_pylist()[:6])
     assert rollout.run(run, cfg, 0, show_progress=False) == {**m, "skipped": True}  # done: skipped
+    parts = sorted((run / "iter-000" / "rollout").glob("*.parquet"))
+    written = [f.stat().st_mtime_ns for f in parts]
     again = rollout.run(run, cfg, 0, force=True, show_progress=False)
+    assert not again.get("skipped")  # it ran again: every part rewritten
+    assert all(f.stat().st_mtime_ns > w for f, w in zip(parts, written))
     assert artifacts.read_table(run / "iter-000" / "rollout").equals(t)  # same seed, same rows
-    assert again["started_at"]
 
 
 def test_logprob_matches_a_teacher_forced_forward(engine):
@@ -200,3 +203,14 @@ def test_a_server_that_never_answers_fails_clearly(sharded):
         for conn in held:
             conn.close()
         listener.close()
+
+
+def test_a_failed_request_is_a_row_with_its_error_and_counted():
+    from sipt.engines import Generation
+
+    ok, failed = Generation([4, 5], "ab", -2.0, "length"), Generation([], "", None, "error", error="HTTP 400: too long")
+    table, stats = rollout._table([{"sample_id": "a#0"}, {"sample_id": "b#0"}], [[1, 2], [1] * 9], [0, 0],
+                                  [[ok, ok], [failed, failed]])
+    assert stats["errors"] == 2 and stats["rollouts"] == 4 and stats["tokens"] == 4
+    assert table["error"].to_pylist() == ["", "", "HTTP 400: too long", "HTTP 400: too long"]
+    assert table["logprob"].to_pylist() == [-2.0, -2.0, None, None]  # never a made-up 0

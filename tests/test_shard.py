@@ -66,7 +66,11 @@ def test_rerun_skips_and_status_reports(run_with_policy, corpus_dir):
     write_jsonl(corpus_dir / "docs.jsonl", make_docs(300, seed=1))  # same content, new mtime
     rows = {(r["iteration"], r["stage"]): r for r in artifacts.run_status(run, cfg.hash)}
     assert rows[(None, "samples")]["state"] == "stale"
-    assert shard.run(run, cfg, show_progress=False)["started_at"]
+    written = {f.name: f.stat().st_mtime_ns for f in (run / "samples").glob("*.parquet")}
+    rebuilt = shard.run(run, cfg, show_progress=False)
+    assert not rebuilt.get("skipped")  # it ran again: every part rewritten
+    assert all(f.stat().st_mtime_ns > written[f.name] for f in (run / "samples").glob("*.parquet"))
+    assert rebuilt["inputs"] != first["inputs"] and rebuilt["rows"] == first["rows"]  # on the new corpus
     # a changed config key of the shard stage also makes it stale
     cfg2 = _cfg(run, [corpus_dir], suffix_tokens=8)
     rows = {(r["iteration"], r["stage"]): r for r in artifacts.run_status(run, cfg2.hash)}

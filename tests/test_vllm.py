@@ -138,6 +138,18 @@ def test_openai_engine_against_a_real_server(server, policy):
     assert len(text[0]) == 1
 
 
+def test_openai_engine_reports_a_rejected_request_in_its_rows(server, policy):
+    # A prompt longer than the server's context (1024) is refused with HTTP 400: that request's rows
+    # carry the error (no tokens, no log-probability), the other request is answered.
+    from sipt.engines.openai import OpenAIEngine
+
+    with OpenAIEngine(str(policy), EngineConfig(engine="openai", base_url=server.url, max_retries=0)) as e:
+        bad, good = e.generate([[5] * 1100, [5, 17, 230, 44, 9]], Sampling(n=2, max_new_tokens=8, seed=7))
+    assert [(g.token_ids, g.text, g.logprob, g.finish_reason) for g in bad] == [([], "", None, "error")] * 2
+    assert all("HTTP 400" in g.error for g in bad)
+    assert all(not g.error and g.token_ids and g.logprob < 0 for g in good)
+
+
 def test_rollout_survives_a_server_killed_mid_stage(server, sharded, policy):
     overrides = {"rollout.engine": "openai", "rollout.base_url": server.url, "rollout.max_retries": 2,
                  "rollout.timeout_s": 5.0, "rollout.concurrency": 1, "run.prompts_per_iter": 16,

@@ -34,12 +34,14 @@ class Sampling:
 
 @dataclass
 class Generation:
-    """One continuation: exact token ids, their text, summed log-probability, why it stopped."""
+    """One continuation: exact token ids, their text, summed log-probability (None where the engine
+    could not give it: never a made-up 0), why it stopped; `error` says why a request failed (its
+    token_ids are then empty and later stages leave the row out)."""
 
     token_ids: list[int]
     text: str
-    logprob: float
-    finish_reason: str  # "length" or "stop"
+    logprob: float | None
+    finish_reason: str  # "length", "stop", or "error"
     error: str = ""
 
 

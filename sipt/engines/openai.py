@@ -29,6 +29,11 @@ class ServerError(StageInterrupted):
     """The server could not be reached or kept failing after every retry."""
 
 
+class RequestRejected(ServerError):
+    """The server answered one request with a client error (4xx other than a retryable one, e.g.
+    a prompt longer than its context): that request fails, the stage goes on."""
+
+
 class OpenAIEngine:
     name = "openai"
 
@@ -82,7 +87,8 @@ class OpenAIEngine:
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace")
                 if e.code not in RETRY_STATUS:
-                    raise ServerError(f"{url}: HTTP {e.code}: {detail}") from None
+                    kind = RequestRejected if 400 <= e.code < 500 and e.code not in (401, 403, 404) else ServerError
+                    raise kind(f"{url}: HTTP {e.code}: {detail}") from None
                 last = f"HTTP {e.code}"
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
@@ -101,11 +107,11 @@ class OpenAIEngine:
             body["top_k"] = s.top_k
         if not s.stop_at_eos:
             body["ignore_eos"] = True
-        resp = self._request("POST", "/completions", body)
-        gens = []
-        for choice in sorted(resp["choices"], key=lambda c: c.get("index", 0)):
-            gens.append(self._generation(choice))
-        return gens
+        try:
+            resp = self._request("POST", "/completions", body)
+        except RequestRejected as e:
+            return _failed(s.n, str(e))
+        return [self._generation(c) for c in sorted(resp["choices"], key=lambda c: c.get("index", 0))]
 
     def _generation(self, choice: dict) -> Generation:
         text = choice.get("text", "")
@@ -116,8 +122,12 @@ class OpenAIEngine:
         elif self.tokenizer is not None:
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
         else:
-            ids = []
-        logprob = float(sum(x for x in (lp.get("token_logprobs") or []) if x is not None))
+            raise SiptError(f"{self.base}: the server returned no token ids (return_tokens_as_token_ids) and "
+                            "no tokenizer is loaded to recover them: set the engine's model to the local "
+                            "model folder the server serves, or serve with vLLM")
+        steps = lp.get("token_logprobs")
+        # A missing log-probability stays None (training then recomputes it), never 0.0.
+        logprob = float(sum(steps)) if steps and all(x is not None for x in steps) else None
         reason = "stop" if choice.get("finish_reason") == "stop" else "length"
         if reason == "stop" and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             if not ids or ids[-1] != self.tokenizer.eos_token_id:
@@ -170,12 +180,16 @@ class OpenAIEngine:
             "model": self.model, "messages": [{"role": "user", "content": prompt}], "n": s.n,
             "max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": seed,
         }
-        resp = self._request("POST", "/chat/completions", body)
+        try:
+            resp = self._request("POST", "/chat/completions", body)
+        except RequestRejected as e:
+            return _failed(s.n, str(e))
         gens = []
         for choice in sorted(resp["choices"], key=lambda c: c.get("index", 0)):
             text = (choice.get("message") or {}).get("content") or ""
+            # chat answers are used as text (rewrites are re-tokenized by the rewrite stage)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids if self.tokenizer else []
-            gens.append(Generation(ids, text, 0.0, "stop" if choice.get("finish_reason") == "stop" else "length"))
+            gens.append(Generation(ids, text, None, "stop" if choice.get("finish_reason") == "stop" else "length"))
         return gens
 
     def _map(self, items, s: Sampling, fn) -> list[list[Generation]]:
@@ -185,3 +199,8 @@ class OpenAIEngine:
 
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
             return list(pool.map(one, items))
+
+
+def _failed(n: int, why: str) -> list[Generation]:
+    """The n continuations of a request the server rejected: no tokens, the reason in `error`."""
+    return [Generation([], "", None, "error", error=why) for _ in range(n)]

@@ -121,4 +121,5 @@ class VLLMEngine:
         if logprob is None and c.logprobs:
             logprob = sum(step[t].logprob for step, t in zip(c.logprobs, ids))
         reason = "stop" if c.finish_reason == "stop" else "length"
-        return Generation(ids, text, float(logprob or 0.0), reason)
+        # No log-probability is None, not 0.0: training then recomputes the reference (train.py).
+        return Generation(ids, text, None if logprob is None else float(logprob), reason)
