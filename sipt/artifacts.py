@@ -4,16 +4,19 @@ The filesystem is the state machine. A stage builds its output in a hidden sibli
 (`.<name>.tmp`), one Parquet part at a time (each written to `*.partial` and renamed), renames the
 folder into place when every part is done, and then writes `_SUCCESS.json`. A rerun skips a stage
 whose `_SUCCESS.json` matches the current config and inputs, resumes from the finished parts of an
-interrupted one, and rebuilds a stale one beside the old output before swapping it in.
+interrupted one, and rebuilds a stale one beside the old output before swapping it in. One process
+at a time writes a stage folder: it holds `<run>/.locks/<folder>.lock` (see `Lock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -228,6 +231,115 @@ def read_table(folder: Path, columns: list[str] | None = None, prefix: str = "pa
     return pa.concat_tables(tables)
 
 
+HOST = socket.gethostname()
+
+
+def lock_path(run_dir: Path, out: Path) -> Path:
+    """The lock file of a stage folder: `<run>/.locks/iter-002.eval.lock`, `<run>/.locks/samples.lock`."""
+    try:
+        rel = Path(out).relative_to(run_dir)
+    except ValueError:  # a folder outside the run: lock it beside itself
+        return Path(out).parent / f".{Path(out).name}.lock"
+    return Path(run_dir) / ".locks" / (".".join(rel.parts) + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _who(holder: dict) -> str:
+    return (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}: "
+            f"`{holder.get('command', '')}`")
+
+
+class Lock:
+    """One writer per stage folder: an exclusive `flock` on a file that holds the writer's pid, host,
+    start time and command. The kernel drops the flock when the process dies, so a lock left by a
+    killed process is taken over; a live holder makes `acquire` raise with its pid and host. A lock
+    file written on another host cannot be checked from here (flock may not reach across hosts) and
+    is refused with the path to delete once that process is known to be gone."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = Path(path), what, None
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # another process's release removed the empty .locks/ just now
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_lock(fd) or {}
+                os.close(fd)
+                gone = holder.get("host") == HOST and not _pid_alive(int(holder.get("pid", 0) or 0))
+                raise SiptError(
+                    f"{self.what}: another sipt process is writing it ({_who(holder)})"
+                    + ("; that process has exited, but a child of it still holds the lock: stop it"
+                       if gone else "; wait for it to finish, or stop it")
+                ) from None
+            try:  # the holder may have released (and removed) the file between our open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = _read_lock(fd)
+        if holder and holder.get("host") != HOST:
+            os.close(fd)
+            raise SiptError(f"{self.what}: locked by {_who(holder)}, which cannot be checked from host {HOST}. "
+                            f"If that process is no longer running, delete {self.path}")
+        # free, or left by a process of this host that is gone (the flock went with it): ours now
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  "command": " ".join(sys.argv)[:300]}).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before closing: a waiter that opened it sees another inode
+        os.close(self.fd)
+        self.fd = None
+        try:
+            if self.path.parent.name == ".locks":
+                self.path.parent.rmdir()  # the last lock of the run leaves no empty .locks/ behind
+        except OSError:
+            pass
+
+
+def _read_lock(fd_or_path) -> dict | None:
+    try:
+        if isinstance(fd_or_path, int):
+            raw = os.pread(fd_or_path, 65536, 0)
+        else:
+            raw = Path(fd_or_path).read_bytes()
+        holder = json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def lock_holder(run_dir: Path, folder: Path) -> dict | None:
+    """Who is writing `folder` now, from its lock file: None when nobody (no lock, or the process
+    that left it is gone). A lock of another host is reported as held (it cannot be checked)."""
+    holder = _read_lock(lock_path(run_dir, folder))
+    if holder is None:
+        return None
+    if holder.get("host") == HOST and not _pid_alive(int(holder.get("pid", 0) or 0)):
+        return None
+    return holder
+
+
 @dataclass
 class Stage:
     """One stage run: where it writes, what it depends on, and whether it is already done.
@@ -273,6 +385,18 @@ class Stage:
         }
 
     def __enter__(self) -> "Stage":
+        self._lock = Lock(lock_path(self.run_dir, self.out), str(self.out))
+        self._lock.acquire()
+        try:
+            self._enter()
+        except BaseException:
+            self._lock.release()
+            raise
+        if self.skipped:  # nothing will be written
+            self._lock.release()
+        return self
+
+    def _enter(self) -> None:
         self._fps = self.input_fingerprints()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         done = read_manifest(self.out)
@@ -283,7 +407,7 @@ class Stage:
             os.replace(self.out, self.tmp)
         if done and not self.force and self._matches(done):
             self.skipped, self.manifest = True, {**done, "skipped": True}  # "skipped" is not on disk
-            return self
+            return
         ident = self._identity()
         if self.tmp.exists():
             partial = self.tmp / PARTIAL
@@ -295,13 +419,18 @@ class Stage:
         for junk in self.tmp.glob("*.partial"):
             junk.unlink()
         _write_json_atomic(self.tmp / PARTIAL, ident)
-        return self
 
     def _matches(self, manifest: dict) -> bool:
         recorded = {k: v.get("fingerprint") for k, v in manifest.get("inputs", {}).items()}
         return manifest.get("config_hash") == self.config_hash and recorded == self._fps
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._exit(exc_type, exc, tb)
+        finally:
+            self._lock.release()
+
+    def _exit(self, exc_type, exc, tb) -> bool:
         if exc_type is None or self.skipped:
             return False
         if issubclass(exc_type, SiptError):
@@ -373,21 +502,27 @@ class Stage:
         if old.exists():
             shutil.rmtree(old)
         self.manifest = manifest
+        self._lock.release()
         return manifest
 
 
 def state_of(run_dir: Path, folder: Path, cfg_hash_fn) -> tuple[str, dict | None]:
-    """done / stale / failed / missing for one stage folder.
+    """done / stale / failed / interrupted / running / missing for one stage folder: running while a
+    live process holds its lock, interrupted when partial work is left and nobody holds it.
 
     `cfg_hash_fn(sections)` gives the current config hash of the named sections.
     """
     tmp = folder.parent / f".{folder.name}.tmp"
+    holder = lock_holder(run_dir, folder)
+    if holder is not None:
+        return "running", {"why": f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"}
     manifest = read_manifest(folder)
     if manifest is None:
         if tmp.exists() or folder.exists():
             failed = tmp / FAILED
-            info = json.loads(failed.read_text()) if failed.exists() else {"error": "interrupted"}
-            return "failed", info
+            if failed.exists():
+                return "failed", json.loads(failed.read_text())
+            return "interrupted", {"error": "stopped before it finished (killed?); rerun to resume"}
         return "missing", None
     if tmp.exists() and (tmp / FAILED).exists():
         return "failed", json.loads((tmp / FAILED).read_text())

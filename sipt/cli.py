@@ -435,7 +435,7 @@ def status(
     run: RunOpt,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ):
-    """Show done / stale / failed / missing for every stage of every iteration."""
+    """Show done / stale / failed / interrupted / running / missing for every stage of every iteration."""
     from sipt import artifacts
 
     if not run.exists():
@@ -449,7 +449,8 @@ def status(
     table = Table(title=f"sipt status: {run}")
     for col in ("iter", "stage", "state", "rows", "time (s)", "detail"):
         table.add_column(col, justify="right" if col in ("rows", "time (s)") else "left")
-    colors = {"done": "green", "stale": "yellow", "failed": "red", "missing": "dim"}
+    colors = {"done": "green", "stale": "yellow", "failed": "red", "interrupted": "red", "running": "cyan",
+              "missing": "dim"}
     for r in rows:
         table.add_row(
             "" if r["iteration"] is None else str(r["iteration"]),

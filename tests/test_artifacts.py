@@ -88,3 +88,67 @@ def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(SiptError, match="input 'samples'.*run the stage that produces it first"):
         with _stage(tmp_path, inputs={"samples": "samples"}):
             pass
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from sipt import artifacts
+run = Path(sys.argv[1])
+st = artifacts.Stage(run_dir=run, name="demo", out=run / "iter-000" / "rollout", config_hash="c1",
+                     config_sections=["run"], inputs={})
+st.__enter__()
+st.write_part(0, __import__("pyarrow").table({"x": [1]}))
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_stage_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        state = {r["stage"]: r for r in artifacts.run_status(tmp_path)}["rollout"]
+        assert state["state"] == "running" and f"pid {proc.pid} on {artifacts.HOST}" in state["detail"]
+        with pytest.raises(SiptError, match=rf"rollout: another sipt process is writing it \(pid {proc.pid} on host "
+                                            rf"{artifacts.HOST}.*wait for it to finish"):
+            with _stage(tmp_path):
+                pass
+        assert (tmp_path / "iter-000" / ".rollout.tmp" / "part-00000.parquet").exists()  # its work untouched
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # killed: its lock file is left behind, with its (now dead) pid
+    assert json.loads((tmp_path / ".locks" / "iter-000.rollout.lock").read_text())["pid"] == proc.pid
+    assert {r["stage"]: r["state"] for r in artifacts.run_status(tmp_path)}["rollout"] == "interrupted"
+    with _stage(tmp_path) as st:  # taken over, and the killed writer's part resumed
+        assert st.has_part(0)
+        st.commit()
+    assert not (tmp_path / ".locks").exists()  # released, and no empty folder left
+    assert {r["stage"]: r["state"] for r in artifacts.run_status(tmp_path)}["rollout"] == "done"
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    lock = tmp_path / ".locks" / "iter-000.rollout.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": int(dead), "host": artifacts.HOST, "started": "2026-01-01T00:00:00"}))
+    assert {r["stage"]: r["state"] for r in artifacts.run_status(tmp_path)}["rollout"] == "missing"
+    with _stage(tmp_path) as st:
+        assert json.loads(lock.read_text())["pid"] == __import__("os").getpid()
+        st.commit()
+    # a lock written on another host cannot be checked: refused, naming it and what to do
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(SiptError, match=r"locked by pid 1 on host elsewhere.*delete .*iter-000.rollout.lock"):
+        with _stage(tmp_path, config_hash="c2"):
+            pass

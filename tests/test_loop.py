@@ -293,7 +293,7 @@ def test_loop_report_and_rerun_after_a_killed_judge(wrun, tmp_path):
     before = _manifests(wrun)
     assert ("train", 1) in before and ("judge", 2) not in before
     status = {(r["stage"], r["iteration"]): r["state"] for r in artifacts.run_status(wrun)}
-    assert status[("judge", 2)] == "failed"
+    assert status[("judge", 2)] == "interrupted"
 
     again = _sipt("loop", "--run", str(wrun), "--iters", "3", "--no-progress")
     assert again.returncode == 0, again.stderr
