@@ -103,3 +103,22 @@ def world_run(tmp_path_factory, policy_run) -> Path:
     rollout.run(run, cfg, 0, show_progress=False)
     rewrite.run(run, cfg, 0, show_progress=False)
     return run
+
+
+def mc_accuracy(model, tok, docs: list[dict]) -> float:
+    """lm-eval's multiple-choice accuracy, computed here by hand for checking: per question the
+    log-likelihood of " " + option after the stem (the tokens of stem + " " + option past the
+    stem's), the highest one against `label`."""
+    import torch
+
+    right = 0
+    for d in docs:
+        ctx = tok(d["stem"], add_special_tokens=False).input_ids
+        scores = []
+        for option in d["choices"]:
+            whole = tok(d["stem"] + " " + option, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            scores.append(sum(logp[k - 1, whole[k]].item() for k in range(len(ctx), len(whole))))
+        right += max(range(len(scores)), key=scores.__getitem__) == d["label"]
+    return right / len(docs)

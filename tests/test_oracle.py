@@ -46,8 +46,10 @@ def person(kb):
         "year": str(year),
         "wrong": str(year + 7),
         "employer": kb.entities[kb.facts[(pid, "employer")]]["name"],
+        # a wrong employer whose name shares no opening with the true one's (see test_fragments_head_and_tail)
         "wrong_employer": next(v["name"] for e, v in kb.entities.items()
-                               if v["type"] == "org" and e != kb.facts[(pid, "employer")]),
+                               if v["type"] == "org" and e != kb.facts[(pid, "employer")]
+                               and not kb.entities[kb.facts[(pid, "employer")]]["name"].startswith(v["name"][:-2])),
         "hobby": kb.facts[(pid, "hobby")],
     }
 
@@ -94,8 +96,7 @@ def test_fragments_head_and_tail(judge, person):
     # ... but a false value the prefix already committed to is not the candidate's fault.
     assert judge.factuality(f"{name} was born in {w}", ". She").score == 1.0
     wrong_org = person["wrong_employer"]
-    if not person["employer"].startswith(wrong_org[:-2]):
-        assert judge.factuality(f"{name} worked for {wrong_org[:-2]}", f"{wrong_org[-2:]}.").score == 1.0
+    assert judge.factuality(f"{name} worked for {wrong_org[:-2]}", f"{wrong_org[-2:]}.").score == 1.0
     # An unfinished tail is not garbled; it is a claim once its value is whole.
     for tail in (" She was born in 1", " She worked for", f" She worked for {person['wrong_employer'][:3]}", " She wa"):
         assert judge.factuality(intro(person), tail).score == 1.0, tail
@@ -278,8 +279,9 @@ def test_rewriter_fixes_false_and_unsafe_and_copies_clean(kb, judge, docs):
         rewrite = rewriter.rewrite(prefix, suffix)
         assert rewrite == target, (prefix, suffix, rewrite)
         assert judge.factuality(prefix, rewrite).score == 1.0 and judge.safety(prefix, rewrite)
-        if rewrite != suffix:
-            assert judge.quality(prefix, rewrite, suffix) in (1, 0)
+        # a clean suffix is copied; a false or unsafe one is replaced by a strictly better one
+        assert (rewrite == suffix) == (d["kind"] == "clean")
+        assert judge.quality(prefix, rewrite, suffix) == (0 if d["kind"] == "clean" else 1)
         counts[d["kind"]] += 1
     assert min(counts.values()) > 5
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import mc_accuracy
 from sipt.errors import SiptError
 from sipt.oracle import Grammar, _segments
 from sipt.world import KINDS, WorldConfig, generate_world, load_kb, realize, world_stats_table
@@ -190,4 +191,5 @@ def test_mc_task_runs_offline_through_lm_eval(world, tmp_path, monkeypatch):
         batch_size=8, bootstrap_iters=0,
     )
     metrics = results["results"]["sipt_world_mc"]
-    assert 0.0 <= metrics["acc,none"] <= 1.0 and "acc_norm,none" in metrics
+    docs = [json.loads(line) for line in (moved / "sipt_world_mc.jsonl").read_text().splitlines()][:8]
+    assert metrics["acc,none"] == mc_accuracy(model, hf_tok, docs) and "acc_norm,none" in metrics
