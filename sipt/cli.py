@@ -51,7 +51,9 @@ def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: di
 
 def _report(manifest: dict, label: str) -> None:
     stats = manifest.get("stats", {})
-    shown = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list)))
+    shown = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list)) and k != "judge_warning")
+    if stats.get("judge_warning"):  # a judge that reads the position more than the texts (judge.min_consistency)
+        err.print(f"[bold yellow]warning:[/] {escape(label)}: {escape(stats['judge_warning'])}", soft_wrap=True)
     if manifest.get("skipped"):  # done by an earlier command, for the same config and inputs
         out.print(f"[green]{label}[/] already done ({manifest.get('rows', 0)} rows); skipped. "
                   "--force reruns it.", soft_wrap=True)

@@ -274,6 +274,16 @@ class JudgeConfig(EngineConfig):
     )
     noise: float = knob(0.0, "oracle: share of verdicts flipped at random (seeded), to imitate a fallible judge.")
     world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
+    min_consistency: float = knob(
+        0.6, "Below this position consistency (the share of comparisons that give the same winner in both "
+        "orders; without swap, the most the Option-1 rate allows) judge and eval warn that the judge reads "
+        "the position more than the texts, and report.md shows it. Checked over >= 20 pairwise verdicts.",
+        results=False,
+    )
+    fail_on_inconsistent: bool = knob(
+        False, "Make that warning an error: the judge or eval stage stops without writing (its calls stay "
+        "cached).", results=False,
+    )
 
 
 @dataclass

@@ -618,6 +618,75 @@ def _score(item: Item, objective: str, records: dict, pairwise: bool, ends) -> N
         item.scores[objective] = [1.0 if k == best else 0.0 if k == worst else 0.5 for k in range(n)]
 
 
+# ---------------------------------------------------------------------------------- signal
+
+MIN_SIGNAL_CALLS = 20  # fewer pairwise verdicts than this say too little to warn about a judge
+
+
+def _winner(verdict: float) -> int:
+    """1 or 2: the option that won a pairwise verdict (the more likely one in logprob mode); 0: a tie."""
+    return 1 if verdict > 0.5 else 2 if verdict < 0.5 else 0
+
+
+def position_stats(calls: list[Call]) -> dict[str, float]:
+    """Counts that tell a judge that reads the texts from one that reads the position, over the
+    pairwise calls (their verdict after retries): `pairwise_verdicts`, `option1_wins` (a tie counts
+    half), and for comparisons judged in both orders (`swap`; the two calls are adjacent, as
+    `judge_items` makes them) `swap_pairs` and `swap_consistent` (the same winner both times, or a
+    tie both times). Sums over parts add up."""
+    out = {"pairwise_verdicts": 0, "option1_wins": 0.0, "swap_pairs": 0, "swap_consistent": 0}
+    first = [c for c in calls if c.attempt == 0 and len(c.labels) == 2]
+    verdicts = [Judge.final(c) for c in first]
+    for v in verdicts:
+        if v is not None:
+            out["pairwise_verdicts"] += 1
+            out["option1_wins"] += {1: 1.0, 0: 0.5, 2: 0.0}[_winner(v)]
+    k = 0
+    while k + 1 < len(first):
+        a, b = first[k], first[k + 1]
+        if (a.labels == b.labels[::-1] and a.labels[0] != a.labels[1] and a.sample_id == b.sample_id
+                and a.objective == b.objective and a.repeat == b.repeat):
+            va, vb = verdicts[k], verdicts[k + 1]
+            if va is not None and vb is not None:
+                wa, wb = _winner(va), _winner(vb)
+                out["swap_pairs"] += 1
+                out["swap_consistent"] += (a.labels[wa - 1] if wa else "") == (b.labels[wb - 1] if wb else "")
+            k += 2
+        else:
+            k += 1
+    return out
+
+
+def judge_signal(counts: dict, min_consistency: float) -> dict:
+    """From `position_stats` counts: `option1_rate`, `position_consistency` (measured in both
+    orders; None without swap) and, when the judge looks position-bound, `judge_warning`.
+
+    Without swap the consistency cannot be measured, but the Option-1 rate bounds it: over pairs of
+    orders, consistency <= 1 - |2 x option1_rate - 1| (a judge that always answers Option 1 can never
+    give the same winner in both orders), so the warning uses that bound."""
+    n = int(counts.get("pairwise_verdicts", 0))
+    pairs = int(counts.get("swap_pairs", 0))
+    rate = counts.get("option1_wins", 0.0) / n if n else None
+    measured = counts.get("swap_consistent", 0) / pairs if pairs else None
+    out = {"option1_rate": None if rate is None else round(rate, 4),
+           "position_consistency": None if measured is None else round(measured, 4)}
+    if n < MIN_SIGNAL_CALLS:
+        return out
+    limit = f"below judge.min_consistency = {min_consistency:.0%}"
+    picked = f"it picked Option 1 in {rate:.0%} of {n} pairwise verdicts"
+    if measured is not None and measured < min_consistency:
+        out["judge_warning"] = (
+            f"the judge gives little signal: the same winner in both orders in "
+            f"{int(counts['swap_consistent'])} of {pairs} comparisons ({measured:.0%}, {limit}); {picked}. Its "
+            "verdicts follow the position more than the texts: use a stronger judge (or judge.mode = 'generate')")
+    elif measured is None and 1 - abs(2 * rate - 1) < min_consistency:
+        out["judge_warning"] = (
+            f"the judge gives little signal: {picked}, so at most {1 - abs(2 * rate - 1):.0%} of its comparisons "
+            f"could give the same winner in both orders ({limit}). Its verdicts follow the position more than "
+            "the texts: use a stronger judge; judge.swap = true measures it")
+    return out
+
+
 def reward(scores: dict[str, float | None], weights: dict[str, float]) -> float | None:
     """Weighted sum of the objective scores; None when any objective has no valid score."""
     if any(v is None for v in scores.values()):

@@ -299,6 +299,9 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
                 bar.advance(1)
             judged = _judge(run_dir, cfg, rows, gens, base_texts, pairwise, pointwise, seed) \
                 if (pairwise or pointwise) else ({}, {}, {"judge_calls": 0}, {})
+            if "judge_warning" in judged[2] and j.fail_on_inconsistent:
+                raise SiptError(f"eval iter {iteration}: {judged[2]['judge_warning']}. (judge.fail_on_inconsistent "
+                                "= true; the judge calls and baseline generations are cached for a rerun)")
             if pairwise or pointwise:
                 bar.advance(1)
             benchmarks = run_lm_eval(policy, cfg) if e.tasks else {}
@@ -361,10 +364,16 @@ def _judge(run_dir, cfg, rows, gens, base_texts, pairwise, pointwise, seed):
         calls = len(judge.rows)
         fresh = sum(c.fresh for c in judge.rows)
         invalid = sum(c.verdict is None for c in judge.rows)
+        signal = judging.judge_signal(judging.position_stats(judge.rows), cfg.judge.min_consistency)
     finally:
         cache.close()
         backend.close()
-    return points, versus, {"judge_calls": calls, "judge_new_calls": fresh, "judge_invalid": invalid}, invalid_by
+    judge_stats = {"judge_calls": calls, "judge_new_calls": fresh, "judge_invalid": invalid,
+                   "judge_option1_rate": signal["option1_rate"],
+                   "judge_position_consistency": signal["position_consistency"]}
+    if "judge_warning" in signal:
+        judge_stats["judge_warning"] = signal["judge_warning"]
+    return points, versus, judge_stats, invalid_by
 
 
 def ground_truth(oracle, rows: list[dict], gens: list) -> dict[str, list]:

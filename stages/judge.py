@@ -111,6 +111,10 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         stats["mean_reward"] = round(stats.pop("reward_sum", 0.0) / n, 4) if n else None
         stats["calls_per_prefix"] = round(stats.get("calls", 0) / max(1, stats.get("prefixes", 1)), 2)
         stats.update(engine=j.engine, scheme=j.scheme, mode=j.mode, executor=ran["executor"], workers=ran["workers"])
+        stats.update(judging.judge_signal(stats, j.min_consistency))
+        if "judge_warning" in stats and j.fail_on_inconsistent:
+            raise SiptError(f"judge iter {iteration}: {stats['judge_warning']}. (judge.fail_on_inconsistent = true; "
+                            "every call is cached, so a rerun with it false makes no new calls)")
         return stage.commit(stats, family="scores", errors=stats.get("unscored", 0))
 
 
@@ -226,6 +230,7 @@ def _judgments(calls: list[judging.Call]) -> tuple[pa.Table, dict]:
         stats["cached_calls"] += not c.fresh
         stats["invalid"] += c.verdict is None
         stats[f"calls_{c.objective}"] = stats.get(f"calls_{c.objective}", 0) + 1
+    stats.update(judging.position_stats(calls))
     return pa.table(cols, schema=JUDGMENTS), stats
 
 

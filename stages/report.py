@@ -9,7 +9,9 @@ Read only from the runs' manifests and Parquet:
 - the pair stage's rollout-chosen rate (PAPER Fig. 8), the judge's reward by candidate source, and
   the training log per optimizer step (DPO loss, reward margin and pair accuracy in panels apart
   from NTP's cross-entropy, iteration boundaries marked).
-Written to <run>/report/. `replicate_table` summarises several runs per label (one per world seed).
+A judge or eval stage that flagged its judge (`judge_warning`: it reads the position more than the
+texts) is shown in red at the top. Written to <run>/report/. `replicate_table` summarises several
+runs per label (one per world seed).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def collect(run_dir: Path) -> dict:
     if not (run_dir / "samples").exists() and not artifacts.iterations(run_dir):
         raise SiptError(f"{run_dir}: no run here (no samples/ and no iter-NNN/); run `sipt loop` first")
     data = {"name": run_dir.name, "path": run_dir, "evals": {}, "pairs": {}, "rewards": {}, "reward_ci": {},
-            "train": [], "objectives": {}}
+            "train": [], "objectives": {}, "judge_warnings": []}
     for i in artifacts.iterations(run_dir):
         ev = artifacts.read_manifest(artifacts.stage_dir(run_dir, "eval", i))
         if ev:
@@ -120,6 +122,9 @@ def collect(run_dir: Path) -> dict:
         if pair:
             data["pairs"][i] = pair["stats"]
         judge_dir = artifacts.stage_dir(run_dir, "judge", i)
+        for stage, m in (("judge", artifacts.read_manifest(judge_dir)), ("eval", ev)):
+            if m and m["stats"].get("judge_warning"):
+                data["judge_warnings"].append(f"{stage} iter {i}: {m['stats']['judge_warning']}")
         if artifacts.read_manifest(judge_dir):
             t = artifacts.read_table(judge_dir, columns=["source", "reward"], prefix="scores-").to_pylist()
             by: dict[str, list[float]] = {}
@@ -585,6 +590,10 @@ def run(run_dir: Path, compare: list[Path] | None = None) -> dict:
     main = runs[0]
     base = next((e.get("baseline") for e in main["evals"].values() if e.get("baseline")), None)
     md = [f"# sipt report: {main['name']}", ""]
+    for d in runs:  # a judge that reads the position more than the texts: its win rates and rewards mean little
+        md += [f'<span style="color:red">**⚠ {d["name"]}, {w}**</span>' for w in d["judge_warnings"]]
+    if any(d["judge_warnings"] for d in runs):
+        md.append("")
     if base:
         md += [f"Win rates are against `{base}` (both orders, ties count half).", ""]
     md += [f"`57.1 [50.2, 63.9]`: a value and its 95% bootstrap interval over prompts (1 seed); "

@@ -182,6 +182,30 @@ def test_swap_cancels_a_judge_that_always_prefers_option_1():
     assert set(item.scores["quality"]) == {0.5}  # split draws everywhere, the best-worst check too: a tie
 
 
+def test_position_consistency_and_option_1_rate_flag_a_judge_that_reads_the_position():
+    always_1 = Scripted(lambda c: "Conclusion: Option 1")
+    _, j = run_scheme(items_for([0, 1, 2, 3, 4, 5], suffix_value=9), always_1, "all-pairs", swap=True)
+    counts = judging.position_stats(j.rows)  # 7 candidates: 21 comparisons, each in both orders
+    assert counts == {"pairwise_verdicts": 42, "option1_wins": 42.0, "swap_pairs": 21, "swap_consistent": 0}
+    signal = judging.judge_signal(counts, 0.6)
+    assert signal["option1_rate"] == 1.0 and signal["position_consistency"] == 0.0
+    assert "the same winner in both orders in 0 of 21 comparisons (0%, below judge.min_consistency = 60%); " \
+           "it picked Option 1 in 100% of 42 pairwise verdicts" in signal["judge_warning"]
+    # without swap the consistency is not measured, but an Option-1 rate of 100% bounds it at 0
+    _, j = run_scheme(items_for(list(range(8))), always_1, "all-pairs")
+    signal = judging.judge_signal(judging.position_stats(j.rows), 0.6)
+    assert signal["position_consistency"] is None and signal["option1_rate"] == 1.0
+    assert "at most 0% of its comparisons could give the same winner" in signal["judge_warning"]
+    # a judge that reads the texts: consistent in both orders, Option 1 half the time, no warning
+    _, j = run_scheme(items_for([3, 1, 4, 1, 5, 9, 2]), Scripted(consistent), "all-pairs", swap=True)
+    counts = judging.position_stats(j.rows)
+    assert counts["swap_pairs"] == 21 and counts["swap_consistent"] == 21  # ties (1 vs 1) both times count
+    assert judging.judge_signal(counts, 0.6) == {"option1_rate": 0.5, "position_consistency": 1.0}
+    # too few verdicts to tell: the rates are recorded, nothing is flagged
+    few = {"pairwise_verdicts": 10, "option1_wins": 10.0, "swap_pairs": 5, "swap_consistent": 0}
+    assert "judge_warning" not in judging.judge_signal(few, 0.6)
+
+
 def test_knockout_replays_split_draws_once():
     backend = Scripted(lambda c: "Conclusion: Option 1")
     item, _ = run_scheme(items_for([0, 1]), backend, "knockout", swap=True)
@@ -252,6 +276,23 @@ def test_judge_stage_with_the_oracle_writes_judgments_and_scores(wrun):
                "rollout": lambda: rollouts[(row["sample_id"], row["rollout_idx"])]["token_ids"]}[row["source"]]()
         assert row["token_ids"] == src  # exact policy tokens, never re-tokenized
     assert judge.run(wrun, cfg, 0, show_progress=False) == {**m, "skipped": True}  # done: skipped
+
+
+def test_judge_stage_records_the_judges_signal_and_can_refuse_a_position_bound_judge(wrun, monkeypatch):
+    always_1 = Scripted(lambda c: "Reasoning.\nConclusion: Option 1")
+    monkeypatch.setattr(judging, "make_backend", lambda run_dir, j, temperature=None: always_1)
+    cfg = world_cfg(wrun, **{"judge.swap": True})
+    m = judge.run(wrun, cfg, 0, show_progress=False)
+    s = m["stats"]  # 12 prefixes x 5 candidates: 10 comparisons each, in both orders
+    assert (s["pairwise_verdicts"], s["swap_pairs"], s["swap_consistent"]) == (240, 120, 0)
+    assert s["option1_rate"] == 1.0 and s["position_consistency"] == 0.0
+    assert "same winner in both orders in 0 of 120 comparisons" in s["judge_warning"]
+    cfg = world_cfg(wrun, **{"judge.swap": True, "judge.fail_on_inconsistent": True})
+    with pytest.raises(SiptError, match=r"judge iter 0: the judge gives little signal.*fail_on_inconsistent = true"):
+        judge.run(wrun, cfg, 0, force=True, show_progress=False)
+    assert artifacts.read_manifest(wrun / "iter-000" / "judge") == {k: v for k, v in m.items() if k != "skipped"}
+    cfg = world_cfg(wrun, **{"judge.swap": True, "judge.min_consistency": 0.0})
+    assert "judge_warning" not in judge.run(wrun, cfg, 0, force=True, show_progress=False)["stats"]
 
 
 def test_rerun_and_resume_make_no_repeated_calls(wrun, tmp_path, monkeypatch):

@@ -331,6 +331,35 @@ def test_loop_report_and_rerun_after_a_killed_judge(wrun, tmp_path):
                                     for i in range(3))
 
 
+def test_eval_records_the_judges_signal_and_warns(wrun, monkeypatch):
+    from sipt import judging
+    from sipt.engines import Generation
+
+    class Always1:  # a judge backend that answers Option 1 (and A) whatever the texts
+        mode, model = "generate", "always-1"
+
+        def identity(self, c):
+            return json.dumps([c.objective, c.labels, c.texts]), {}
+
+        def run(self, calls, done):
+            for c in calls:
+                c.response = "Conclusion: Option 1" if c.objective == "quality" else "A"
+                done(c)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(judging, "make_backend", lambda run_dir, j, temperature=None: Always1())
+    cfg = config_mod.resolve(wrun, overrides=EVAL)
+    rows = eval_stage.eval_samples(wrun, cfg)[:6]
+    gens = [Generation([7], r["suffix_text"], -1.0, "length") for r in rows]
+    base = {"initial": [{"text": " and so on.", "error": ""} for _ in rows]}
+    _, _, judged, _ = eval_stage._judge(wrun, cfg, rows, gens, base, ["quality", "coherence"], [], 0)
+    # 6 prompts x 2 objectives x 2 seeds, each in both orders: 24 comparisons, none with one winner
+    assert judged["judge_option1_rate"] == 1.0 and judged["judge_position_consistency"] == 0.0
+    assert "the same winner in both orders in 0 of 24 comparisons" in judged["judge_warning"]
+
+
 def test_failed_generations_are_left_out_of_every_measure(wrun):
     # A generation the engine could not make (Generation.error) is neither judged nor counted.
     from sipt.engines import Generation

@@ -80,7 +80,8 @@ def runs(tmp_path_factory):
            "at_risk": at_risk([True, True, True, True])})
     for i, rate, pairs in ((0, 0.25, 8), (1, None, 0)):
         stage(sipt, "pair", i, {"pairs": pairs, "rollout_chosen_rate": rate, "mean_margin": 0.4 if pairs else None})
-        stage(sipt, "judge", i, {}, {"scores": {"source": ["suffix", "rollout", "rollout"],
+        stage(sipt, "judge", i, {"judge_warning": "the judge gives little signal"} if i else {},
+              {"scores": {"source": ["suffix", "rollout", "rollout"],
                                                  "reward": pa.array([1.0, 0.5, 0.0], pa.float32())}})
         stage(sipt, "train", i, {"objective": "dpo"}, files={"log.jsonl": log(range(3 * i + 1, 3 * i + 4), "dpo")})
     return sipt, ntp
@@ -90,6 +91,12 @@ def runs(tmp_path_factory):
 def made(runs):
     sipt, ntp = runs
     return report.run(sipt, [ntp])
+
+
+def test_a_judge_without_signal_is_flagged_in_red_at_the_top(made, runs):
+    md = (runs[0] / "report" / "report.md").read_text().splitlines()
+    assert md[2] == '<span style="color:red">**⚠ sipt, judge iter 1: the judge gives little signal**</span>'
+    assert sum("⚠" in line for line in md) == 1
 
 
 def test_table_shows_intervals_and_dashes_for_missing_values(made, runs):
