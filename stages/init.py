@@ -45,11 +45,32 @@ def train_tokenizer(texts, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(bounded_texts(texts), trainer=trainer)  # memory: no long document held whole
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None,
         model_max_length=1_000_000,
     )
+
+
+def bounded_texts(texts, limit: int | None = None):
+    """Each text in pieces of at most `limit` characters (default: shard.WINDOW_CHARS), so the
+    tokenizer trainer never holds a long document whole. A piece ends before a single space that
+    starts a word (" word" is one pre-token of the byte-level tokenizer, and the word before it
+    ends there), so the trainer counts the same words as from the whole text: the same tokenizer."""
+    from stages.shard import WINDOW_CHARS
+
+    limit = limit or WINDOW_CHARS
+    for text in texts:
+        start = 0
+        while len(text) - start > limit:
+            end = start + limit
+            p = text.rfind(" ", start + limit // 2, end)
+            while p > start and (text[p - 1].isspace() or text[p + 1].isspace()):
+                p = text.rfind(" ", start + limit // 2, p)
+            cut = p if p > start else end  # no such space: a plain cut (a run without word breaks)
+            yield text[start:cut]
+            start = cut
+        yield text[start:]
 
 
 def build_model(tokenizer, preset: str, cfg: Config):

@@ -1,7 +1,8 @@
 """shard: cut corpus documents into (prefix, suffix) samples at seeded random token positions.
 
 Documents are read as a stream and processed `data.docs_per_part` at a time; each part is one
-Parquet file. The split points of a document depend only on (run.seed, doc_id), so a killed and
+Parquet file. A long document is tokenized in bounded windows (`_WindowedTokens`), never whole.
+The split points of a document depend only on (run.seed, doc_id), so a killed and
 rerun shard writes exactly the same samples as an uninterrupted one.
 """
 
@@ -113,6 +114,112 @@ class UniqueIds:
         return True
 
 
+# Memory: a document longer than WINDOW_CHARS is never tokenized whole (a 30 MB one took 4.8 GB).
+# It is tokenized in windows of WINDOW_CHARS characters, each encoded with CONTEXT_CHARS of text
+# around it so the tokens at its edges come out as in the whole document: one pass counts the
+# tokens (the split points need the count), then only the windows around each split point are
+# encoded again. Shorter documents are encoded whole, at most data.tokenize_batch_size of them or
+# BATCH_CHARS characters at a time.
+WINDOW_CHARS = 1 << 15
+CONTEXT_CHARS = 1 << 10
+BATCH_CHARS = 1 << 22
+
+
+class _WholeTokens:
+    """The tokens of a document encoded in one piece."""
+
+    def __init__(self, enc):
+        self.enc, self.all = enc, enc.ids
+        self.n = len(self.all)
+
+    def ids(self, t0: int, t1: int) -> list[int]:
+        return self.all[t0:t1]
+
+    def end(self, k: int) -> int:
+        """The character offset where token k ends (token_to_chars reads one offset, not all)."""
+        return self.enc.token_to_chars(k)[1]
+
+    def load(self, t0: int, t1: int) -> None:
+        pass
+
+
+class _WindowedTokens:
+    """The tokens of a long document without ever encoding it whole (memory: one window).
+
+    A window keeps the tokens that start in [b, b'), where b' is the first token start at least
+    WINDOW_CHARS after b; it is encoded from CONTEXT_CHARS before b to CONTEXT_CHARS past b', and
+    the next window starts at b'. A window must also have a token starting exactly at b (its left
+    context agrees with the previous window there); when a cut cannot be placed or checked (a run
+    of text the pre-tokenizer does not split), the window and its context are doubled, up to the
+    whole document."""
+
+    def __init__(self, backend, text: str):
+        self.backend, self.text = backend, text
+        self.marks: list[tuple[int, int]] = []  # (first char, first token) of each window
+        n = 0
+        for b, ids, _ in self._windows(0):
+            self.marks.append((b, n))
+            n += len(ids)
+        self.n = n
+        self.t0, self.span_ids, self.span_ends = 0, [], []
+
+    def _windows(self, b: int):
+        text = self.text
+        while b < len(text):
+            w, c = WINDOW_CHARS, CONTEXT_CHARS
+            while True:
+                x, y = max(0, b - c), min(len(text), b + w + 2 * c)
+                enc = self.backend.encode(text[x:y], add_special_tokens=False)
+                starts = [o[0] + x for o in enc.offsets]
+                k0 = next((k for k, st in enumerate(starts) if st >= b), len(starts))
+                synced = b == 0 or (k0 < len(starts) and starts[k0] == b) or (x == 0 and y == len(text))
+                if y == len(text):
+                    k1 = len(starts)
+                else:
+                    k1 = next((k for k in range(k0, len(starts)) if starts[k] >= b + w), len(starts))
+                    synced = synced and k1 < len(starts) and starts[k1] <= b + w + c
+                if synced or (x == 0 and y == len(text)):
+                    break
+                w, c = 2 * w, 2 * c
+            ends = [o[1] + x for o in enc.offsets[k0:k1]]
+            yield b, enc.ids[k0:k1], ends
+            if k1 == len(starts):
+                return
+            b = starts[k1]
+
+    def load(self, t0: int, t1: int) -> None:
+        """Encode the windows that hold tokens [t0, t1) (and keep only those tokens)."""
+        m = max(k for k, (_, first) in enumerate(self.marks) if first <= t0 or k == 0)
+        b, first = self.marks[m]
+        ids, ends = [], []
+        for _, w_ids, w_ends in self._windows(b):
+            ids += w_ids
+            ends += w_ends
+            if first + len(ids) >= t1:
+                break
+        self.t0 = t0
+        self.span_ids, self.span_ends = ids[t0 - first : t1 - first], ends[t0 - first : t1 - first]
+
+    def ids(self, t0: int, t1: int) -> list[int]:
+        return self.span_ids[t0 - self.t0 : t1 - self.t0]
+
+    def end(self, k: int) -> int:
+        return self.span_ends[k - self.t0]
+
+
+def _batches(docs: list[corpus.Document], size: int):
+    """Consecutive batches of at most `size` documents and about BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for doc in docs:
+        if batch and (len(batch) >= size or chars + len(doc.text) > BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc)
+        chars += len(doc.text)
+    if batch:
+        yield batch
+
+
 def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, dict]:
     d = cfg.data
     stats = dict.fromkeys(
@@ -133,14 +240,16 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     backend = tok.backend_tokenizer
     eos = tok.eos_token_id
-    for start in range(0, len(kept), d.tokenize_batch_size):
-        batch = kept[start : start + d.tokenize_batch_size]
-        encodings = backend.encode_batch([doc.text for doc in batch], add_special_tokens=False)
-        for doc, enc in zip(batch, encodings):
-            ids = enc.ids
+    for batch in _batches(kept, d.tokenize_batch_size):
+        short = [doc for doc in batch if len(doc.text) <= WINDOW_CHARS]
+        encodings = dict(zip(map(id, short), backend.encode_batch([doc.text for doc in short], add_special_tokens=False)))
+        for doc in batch:
+            enc = encodings.pop(id(doc), None)
+            tokens = _WholeTokens(enc) if enc is not None else _WindowedTokens(backend, doc.text)
+            n = tokens.n
             stats["docs"] += 1
-            stats["doc_tokens"] += len(ids)
-            points = split_points(len(ids), doc.doc_id, cfg)
+            stats["doc_tokens"] += n
+            points = split_points(n, doc.doc_id, cfg)
             if not points:
                 stats["skipped_short"] += 1
                 continue
@@ -151,22 +260,22 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
                 p0 = max(0, s - d.max_prefix_tokens)
                 end = s + d.suffix_tokens
                 stats["prefix_truncated"] += p0 > 0
+                tokens.load(max(0, p0 - 1), min(n, end + d.max_prefix_tokens))
                 # Texts are cut at token end offsets, so the whitespace before a token stays with it.
-                # (token_to_chars reads three offsets instead of materialising all of them)
-                c0 = enc.token_to_chars(p0 - 1)[1] if p0 > 0 else 0
-                c1 = enc.token_to_chars(s - 1)[1]
-                c2 = enc.token_to_chars(end - 1)[1]
+                c0 = tokens.end(p0 - 1) if p0 > 0 else 0
+                c1 = tokens.end(s - 1)
+                c2 = tokens.end(end - 1)
                 cols["sample_id"].append(f"{doc.doc_id}#{j}")
                 cols["doc_id"].append(doc.doc_id)
                 cols["split"].append("eval" if held_out else "train")
-                cols["prefix_ids"].append(ids[p0:s])
-                cols["suffix_ids"].append(ids[s:end])
-                ends = end + d.max_prefix_tokens >= len(ids) and eos is not None
-                cols["rest_ids"].append(ids[end : end + d.max_prefix_tokens] + ([eos] if ends else []))
+                cols["prefix_ids"].append(tokens.ids(p0, s))
+                cols["suffix_ids"].append(tokens.ids(s, end))
+                ends = end + d.max_prefix_tokens >= n and eos is not None
+                cols["rest_ids"].append(tokens.ids(end, end + d.max_prefix_tokens) + ([eos] if ends else []))
                 cols["prefix_text"].append(doc.text[c0:c1])
                 cols["suffix_text"].append(doc.text[c1:c2])
                 cols["source"].append(doc.source)
-                cols["doc_tokens"].append(len(ids))
+                cols["doc_tokens"].append(n)
                 cols["split_token"].append(s)
                 cols["prefix_start"].append(p0)
                 cols["meta"].append(meta)

@@ -59,3 +59,15 @@ def test_init_from_existing_model_folder(policy_run, tmp_path):
     with pytest.raises(SiptError, match="not a Hugging Face model folder"):
         init.run(tmp_path / "r2", cfg)
     assert not (tmp_path / "r2" / "iter-000" / "policy").exists()
+
+
+def test_the_tokenizer_trainer_reads_long_documents_in_pieces_with_the_same_result(monkeypatch):
+    from conftest import make_docs
+    from stages import init, shard
+
+    docs = make_docs(60, seed=3)
+    whole = init.train_tokenizer(docs, 400)
+    pieces = list(init.bounded_texts(docs, 150))
+    assert max(map(len, pieces)) <= 150 and "".join(pieces) == "".join(docs)
+    monkeypatch.setattr(shard, "WINDOW_CHARS", 150)  # every fixture document is cut
+    assert init.train_tokenizer(docs, 400).backend_tokenizer.to_str() == whole.backend_tokenizer.to_str()

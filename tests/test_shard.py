@@ -179,6 +179,68 @@ def test_samples_with_duplicate_ids_are_refused_by_the_joins(run_with_policy, co
         eval_stage.eval_samples(run_with_policy, config_mod.resolve(run_with_policy))
 
 
+def test_long_documents_are_tokenized_in_windows_with_the_same_result(run_with_policy, corpus_dir, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    tok = shard.load_tokenizer(run_with_policy / "iter-000" / "policy").backend_tokenizer
+    text = " ".join(make_docs(400, seed=9))  # ~300 K characters: ~10 windows
+    whole = tok.encode(text, add_special_tokens=False)
+    windowed = shard._WindowedTokens(tok, text)
+    assert windowed.n == len(whole.ids) and len(windowed.marks) > 5
+    windowed.load(0, windowed.n)
+    assert windowed.ids(0, windowed.n) == whole.ids
+    assert [windowed.end(k) for k in range(windowed.n)] == [e for _, e in whole.offsets]
+    # the same samples when every fixture document goes through the windows (tiny ones, tiny context:
+    # cuts that cannot be checked widen the window)
+    other = tmp_path / "other"
+    shutil.copytree(run_with_policy / "iter-000", other / "iter-000")
+    shard.run(run_with_policy, _cfg(run_with_policy, [corpus_dir], samples_per_doc=3, max_prefix_tokens=40),
+              show_progress=False)
+    monkeypatch.setattr(shard, "WINDOW_CHARS", 120)
+    monkeypatch.setattr(shard, "CONTEXT_CHARS", 8)
+    shard.run(other, _cfg(other, [corpus_dir], samples_per_doc=3, max_prefix_tokens=40), show_progress=False)
+    assert _samples(other).equals(_samples(run_with_policy))
+
+
+PEAK_MEMORY = """
+import json, resource, sys
+from pathlib import Path
+from sipt import config as config_mod, corpus
+from stages import init, shard
+
+run, small, big, stage = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+def cfg(path):
+    return config_mod.resolve(run, overrides={"data.inputs": [path], "data.suffix_tokens": 16, "data.min_prefix_tokens": 4,
+                                              "data.samples_per_doc": 4}, force=True)
+peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if stage == "shard":
+    shard.run(run, cfg(small), show_progress=False)  # warm: imports, the tokenizer, a small corpus
+    before = peak_mb()
+    stats = shard.run(run, cfg(big), force=True, show_progress=False)["stats"]
+else:
+    init.train_tokenizer([d.text for d in corpus.iter_documents(cfg(small).data)], 512)
+    before = peak_mb()
+    stats = {"vocab": len(init.train_tokenizer((d.text for d in corpus.iter_documents(cfg(big).data)), 512))}
+print(json.dumps({"grew_mb": peak_mb() - before, "stats": stats}))
+"""
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_with_a_4_mb_document(run_with_policy, tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", make_docs(20, seed=1))
+    big = write_jsonl(tmp_path / "big.jsonl", [" ".join(make_docs(7000, seed=2, min_sent=8, max_sent=12))[:4_000_000]])
+    for stage in ("shard", "init"):  # init: the tokenizer trainer reads the corpus
+        proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(run_with_policy), str(small), str(big), stage],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        # tokenized whole, the document took ~560 MB more in shard and ~340 MB in init; windowed ~15 MB
+        assert out["grew_mb"] < 100, (stage, out)
+        if stage == "shard":
+            assert out["stats"]["samples"] == 4 and out["stats"]["doc_tokens"] > 700_000
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
