@@ -46,6 +46,9 @@ SCORES = pa.schema(
         ("rollout_idx", pa.int32()),  # -1 if not a rollout
         ("text", pa.string()),
         ("token_ids", pa.list_(pa.int32())),  # exact policy tokens (samples, rewrite or rollout)
+        # cut at the token limit, so token_ids do not end with EOS; false: the text ended there (a
+        # rollout stopped at EOS, or the suffix, or its uncut rewrite, ends the document) and EOS is last
+        ("truncated", pa.bool_()),
         *[(name, pa.float32()) for name in OBJECTIVES],  # null: not judged, or no valid verdict
         ("comparisons", pa.int32()),  # pairwise comparisons behind the quality (else coherence) score
         ("reward", pa.float32()),  # sum of weight x score over judge.objectives; null if one is missing
@@ -94,8 +97,13 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     with stage:
         if stage.skipped:
             return stage.manifest
-        samples, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
-                                       columns=["sample_id", "prefix_text", "suffix_text", "suffix_ids"])
+        try:
+            samples, _ = iteration_samples(run_dir, iteration, cfg.run.prompts_per_iter,
+                                           columns=["sample_id", "prefix_text", "suffix_text", "suffix_ids",
+                                                    "split_token", "doc_tokens", "rest_ids"])
+        except KeyError:
+            raise SiptError(f"{run_dir}/samples: no rest_ids column (made by an older sipt shard); "
+                            "rerun `sipt shard --force`") from None
         rows = samples.to_pylist()
         extra = _candidates_by_sample(run_dir, iteration, j.candidates)
         per_part = cfg.rollout.prompts_per_part
@@ -155,55 +163,63 @@ class JudgeJob:
 
 
 def _candidates_by_sample(run_dir: Path, iteration: int, wanted: list[str]) -> dict[str, dict]:
-    """sample_id -> {"rewrite": (text, ids, error), "rollouts": [(idx, text, ids, error), ...]}."""
+    """sample_id -> {"rewrite": (text, ids, error, cut), "rollouts": [(idx, text, ids, error, cut), ...]}
+    (cut: the rewrite was cut to the suffix length; the rollout stopped at the token limit)."""
     out: dict[str, dict] = {}
     if "rewrite" in wanted:
         t = artifacts.read_table(artifacts.stage_dir(run_dir, "rewrite", iteration),
-                                 columns=["sample_id", "rewrite_text", "rewrite_ids", "error"])
+                                 columns=["sample_id", "rewrite_text", "rewrite_ids", "error", "truncated"])
         for r in t.to_pylist():
-            out.setdefault(r["sample_id"], {}).setdefault("rewrite", (r["rewrite_text"], r["rewrite_ids"], r["error"]))
+            out.setdefault(r["sample_id"], {}).setdefault(
+                "rewrite", (r["rewrite_text"], r["rewrite_ids"], r["error"], r["truncated"]))
     if "rollouts" in wanted:
         t = artifacts.read_table(artifacts.stage_dir(run_dir, "rollout", iteration),
-                                 columns=["sample_id", "rollout_idx", "text", "token_ids", "error"])
+                                 columns=["sample_id", "rollout_idx", "text", "token_ids", "error", "finish_reason"])
         seen = set()
         for r in t.to_pylist():
             if (r["sample_id"], r["rollout_idx"]) in seen:  # a sample repeated in the slice (wrap-around)
                 continue
             seen.add((r["sample_id"], r["rollout_idx"]))
             out.setdefault(r["sample_id"], {}).setdefault("rollouts", []).append(
-                (r["rollout_idx"], r["text"], r["token_ids"], r["error"]))
+                (r["rollout_idx"], r["text"], r["token_ids"], r["error"], r["finish_reason"] != "stop"))
     return out
 
 
 def _items(part: list[dict], extra: dict, wanted: list[str], seed: int):
-    """The part's judging items, and per item the candidates' (source, rollout_idx, ids) and the
-    candidates that could not be judged (with why)."""
+    """The part's judging items, and per item the candidates' (source, rollout_idx, ids, truncated)
+    and the candidates that could not be judged (with why).
+
+    The suffix ends naturally where the document ends there; its ids then take the document's EOS
+    (the samples' rest_ids is just that EOS), as an uncut rewrite of it does, so every candidate's
+    ids end with EOS exactly when it is not truncated."""
     items, meta = [], []
     for row in part:
         sid = row["sample_id"]
         found = extra.get(sid, {})
         cands, info, excluded = [], [], []
+        ends = row["split_token"] + len(row["suffix_ids"]) == row["doc_tokens"]
+        eos = row["rest_ids"] if ends else []
         if "suffix" in wanted:
             cands.append(judging.Candidate("suffix", row["suffix_text"]))
-            info.append(("suffix", -1, row["suffix_ids"]))
+            info.append(("suffix", -1, row["suffix_ids"] + eos, not ends))
         if "rewrite" in wanted:
             if "rewrite" not in found:
                 raise SiptError(f"rewrite/: no rewrite of sample {sid}; rerun `sipt rewrite` for this iteration")
-            text, ids, error = found["rewrite"]
+            text, ids, error, cut = found["rewrite"]
             if error:
-                excluded.append(("rewrite", "rewrite", -1, text, ids, f"rewrite error: {error}"))
+                excluded.append(("rewrite", "rewrite", -1, text, ids, True, f"rewrite error: {error}"))
             else:
                 cands.append(judging.Candidate("rewrite", text))
-                info.append(("rewrite", -1, ids))
+                info.append(("rewrite", -1, ids + ([] if cut else eos), cut or not ends))
         if "rollouts" in wanted:
             if "rollouts" not in found:
                 raise SiptError(f"rollout/: no rollouts of sample {sid}; rerun `sipt rollout` for this iteration")
-            for idx, text, ids, error in sorted(found["rollouts"], key=lambda x: x[0]):
+            for idx, text, ids, error, cut in sorted(found["rollouts"], key=lambda x: x[0]):
                 if error:
-                    excluded.append((f"rollout:{idx}", "rollout", idx, text, ids, f"rollout error: {error}"))
+                    excluded.append((f"rollout:{idx}", "rollout", idx, text, ids, cut, f"rollout error: {error}"))
                 else:
                     cands.append(judging.Candidate(f"rollout:{idx}", text))
-                    info.append(("rollout", idx, ids))
+                    info.append(("rollout", idx, ids, cut))
         items.append(judging.Item(sid, row["prefix_text"], row["suffix_text"], cands, derive_seed(seed, sid)))
         meta.append((info, excluded))
     return items, meta
@@ -239,13 +255,14 @@ def _scores(items: list[judging.Item], meta, objectives: list[str], weights: dic
     stats = {"prefixes": len(items), "candidates": 0, "excluded": 0, "unscored": 0, "reward_n": 0, "reward_sum": 0.0}
     pair_obj = next((o for o in ("quality", "coherence") if o in objectives), None)
 
-    def add(sid, label, source, idx, text, ids, scores, comparisons, reward, error):
+    def add(sid, label, source, idx, text, ids, truncated, scores, comparisons, reward, error):
         cols["sample_id"].append(sid)
         cols["candidate"].append(label)
         cols["source"].append(source)
         cols["rollout_idx"].append(idx)
         cols["text"].append(text)
         cols["token_ids"].append(ids)
+        cols["truncated"].append(truncated)
         for name in OBJECTIVES:
             cols[name].append(scores.get(name))
         cols["comparisons"].append(comparisons)
@@ -253,11 +270,11 @@ def _scores(items: list[judging.Item], meta, objectives: list[str], weights: dic
         cols["error"].append(error)
 
     for item, (info, excluded) in zip(items, meta):
-        for k, (cand, (source, idx, ids)) in enumerate(zip(item.candidates, info)):
+        for k, (cand, (source, idx, ids, truncated)) in enumerate(zip(item.candidates, info)):
             scores = {o: item.scores[o][k] for o in objectives}
             r = judging.reward(scores, weights)
             missing = [o for o, v in scores.items() if v is None]
-            add(item.sample_id, cand.label, source, idx, cand.text, ids, scores,
+            add(item.sample_id, cand.label, source, idx, cand.text, ids, truncated, scores,
                 item.comparisons[pair_obj][k] if pair_obj else 0, r,
                 f"no valid {', '.join(missing)} verdict" if missing else "")
             stats["candidates"] += 1
@@ -269,7 +286,7 @@ def _scores(items: list[judging.Item], meta, objectives: list[str], weights: dic
                 if v is not None:
                     stats[f"{o}_n"] = stats.get(f"{o}_n", 0) + 1
                     stats[f"{o}_sum"] = stats.get(f"{o}_sum", 0.0) + v
-        for label, source, idx, text, ids, error in excluded:
-            add(item.sample_id, label, source, idx, text or "", ids or [], {}, 0, None, error)
+        for label, source, idx, text, ids, truncated, error in excluded:
+            add(item.sample_id, label, source, idx, text or "", ids or [], truncated, {}, 0, None, error)
             stats["excluded"] += 1
     return pa.table(cols, schema=SCORES), stats

@@ -4,7 +4,9 @@ dpo: chosen = the candidate with the highest reward, rejected = the lowest (onli
 highest only (reward-filtered NLL). A prefix with fewer than two scored candidates, or whose best
 and worst rewards are equal (within `pair.min_margin`), gives no pair and is counted; equal rewards
 at the top or bottom are broken by a seeded coin. Rows carry TRL's `prompt, chosen, rejected` text
-columns and the exact policy tokens the train stage uses (never re-tokenized).
+columns and the exact policy tokens the train stage uses (never re-tokenized), with EOS last exactly
+where a candidate ended naturally (`*_truncated` false): see the README for the TRL recipe that
+trains on the same tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ SCHEMA = pa.schema(
         ("prefix_start", pa.int32()),
         ("chosen_ids", pa.list_(pa.int32())),  # exact policy tokens of the chosen continuation
         ("rejected_ids", pa.list_(pa.int32())),  # empty for rf-nll
+        # cut at the token limit (the ids do not end with EOS); false: it ended there and EOS is last
+        ("chosen_truncated", pa.bool_()),
+        ("rejected_truncated", pa.bool_()),  # null for rf-nll
         ("chosen_source", pa.string()),  # "suffix" | "rewrite" | "rollout"
         ("rejected_source", pa.string()),  # the same; "" for rf-nll
         ("chosen_rollout_idx", pa.int32()),  # -1 if not a rollout
@@ -69,9 +74,13 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         with progress_bar(f"pair iter {iteration}", total=len(parts), unit="parts", enabled=show_progress) as bar:
             for k, path in enumerate(parts):
                 try:
-                    scores = pq.read_table(path).to_pylist()
+                    scores = pq.read_table(path)
                 except pa.ArrowInvalid as e:
                     raise SiptError(f"{path}: cannot read Parquet ({e}); rerun `sipt judge --force`") from None
+                if "truncated" not in scores.column_names:
+                    raise SiptError(f"{path}: no 'truncated' column (written by an older sipt judge); "
+                                    "rerun `sipt judge --force`")
+                scores = scores.to_pylist()
                 for row in scores:
                     if row["reward"] is not None:
                         by_source[row["source"]].append(row["reward"])
@@ -124,6 +133,8 @@ def _pairs(scores: list[dict], prefixes: dict, method: str, min_margin: float, s
         cols["prefix_start"].append(pre["prefix_start"])
         cols["chosen_ids"].append(c["token_ids"])
         cols["rejected_ids"].append(r["token_ids"] if r else [])
+        cols["chosen_truncated"].append(c["truncated"])
+        cols["rejected_truncated"].append(r["truncated"] if r else None)
         cols["chosen_source"].append(c["source"])
         cols["rejected_source"].append(r["source"] if r else "")
         cols["chosen_rollout_idx"].append(c["rollout_idx"])

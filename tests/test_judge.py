@@ -4,6 +4,7 @@ import shutil
 
 import pyarrow.compute as pc
 import pytest
+from transformers import AutoTokenizer
 
 from sipt import artifacts, config as config_mod, judging
 from sipt.errors import SiptError
@@ -270,11 +271,23 @@ def test_judge_stage_with_the_oracle_writes_judgments_and_scores(wrun):
     samples = {r["sample_id"]: r for r in artifacts.read_table(wrun / "samples").to_pylist()}
     rollouts = {(r["sample_id"], r["rollout_idx"]): r for r in artifacts.read_table(wrun / "iter-000" / "rollout").to_pylist()}
     rewrites = {r["sample_id"]: r for r in artifacts.read_table(wrun / "iter-000" / "rewrite").to_pylist()}
+    eos = AutoTokenizer.from_pretrained(wrun / "iter-000" / "policy").eos_token_id
+    ended = 0
     for row in scores.to_pylist():
-        src = {"suffix": lambda: samples[row["sample_id"]]["suffix_ids"],
-               "rewrite": lambda: rewrites[row["sample_id"]]["rewrite_ids"],
-               "rollout": lambda: rollouts[(row["sample_id"], row["rollout_idx"])]["token_ids"]}[row["source"]]()
-        assert row["token_ids"] == src  # exact policy tokens, never re-tokenized
+        s = samples[row["sample_id"]]
+        ends = s["split_token"] + len(s["suffix_ids"]) == s["doc_tokens"]  # the document ends with the suffix
+        if row["source"] == "rollout":
+            r = rollouts[(row["sample_id"], row["rollout_idx"])]
+            src, cut = r["token_ids"], r["finish_reason"] == "length"
+        elif row["source"] == "suffix":
+            src, cut = s["suffix_ids"] + [eos] * ends, not ends
+        else:
+            cut = rewrites[row["sample_id"]]["truncated"] or not ends
+            src = rewrites[row["sample_id"]]["rewrite_ids"] + [eos] * (not cut)
+        assert row["token_ids"] == src  # exact policy tokens, never re-tokenized; EOS where the text ended
+        assert row["truncated"] is cut
+        ended += row["source"] != "rollout" and not cut
+    assert ended > 0  # some suffix ends its document
     assert judge.run(wrun, cfg, 0, show_progress=False) == {**m, "skipped": True}  # done: skipped
 
 
