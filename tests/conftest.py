@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from sipt import config as config_mod
+
+# Optional packages this environment must have: a missing one is an error, not a skipped test.
+# `make test` names them (SIPT_TEST_REQUIRE); under CI=true the dev extras are required by default.
+REQUIRED = {m for m in os.environ.get("SIPT_TEST_REQUIRE", "trl,ray,lm_eval,gguf" if os.environ.get("CI") == "true"
+                                      else "").split(",") if m}
+
+
+def require(module: str, reason: str | None = None):
+    """`pytest.importorskip`, except for a module this environment must have (REQUIRED): then an
+    import error fails the test."""
+    if module in REQUIRED:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=reason)
+
+
+def pytest_sessionstart(session):
+    missing = []
+    for module in sorted(REQUIRED):
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - any import failure is a broken install
+            missing.append(f"{module} ({type(e).__name__}: {e})")
+    if missing:
+        raise pytest.UsageError("required test dependencies do not import: " + "; ".join(missing)
+                                + " (run `make install`, or `make vllm-env` for vllm)")
+
 
 WORDS = (
     "the a river city council built old new bridge market north south winter summer people "

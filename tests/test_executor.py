@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import require
 
 from sipt import artifacts, config as config_mod
 from sipt.errors import StageInterrupted
@@ -150,7 +151,7 @@ def test_a_dying_worker_loses_only_its_part(tmp_path):
 
 @pytest.mark.slow
 def test_ray_actors_write_the_rows_of_one_process(wrun, tmp_path):
-    pytest.importorskip("ray")
+    require("ray")
     one = tmp_path / "one"
     shutil.copytree(wrun, one)
     cfg = config_mod.resolve(one, overrides={"run.workers": 1, "run.threads": 1}, force=True)

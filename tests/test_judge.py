@@ -4,6 +4,7 @@ import shutil
 
 import pyarrow.compute as pc
 import pytest
+from conftest import require
 from transformers import AutoTokenizer
 
 from sipt import artifacts, config as config_mod, judging
@@ -457,7 +458,7 @@ def test_smollm2_judges_the_real_prompts_end_to_end(wrun, smollm2):
 
 @pytest.mark.vllm
 def test_vllm_and_openai_next_token_logprobs_match_hf(policy_run):
-    pytest.importorskip("vllm", reason="needs the vLLM environment: make vllm-env")
+    require("vllm", reason="needs the vLLM environment: make vllm-env")
     from test_vllm import Server, _free_port
 
     from sipt.config import EngineConfig

@@ -13,8 +13,9 @@ import time
 import urllib.request
 
 import pytest
+from conftest import require
 
-pytest.importorskip("vllm", reason="needs the vLLM environment: make vllm-env")
+require("vllm", reason="needs the vLLM environment: make vllm-env")
 pytestmark = pytest.mark.vllm
 
 import torch  # noqa: E402

