@@ -307,6 +307,11 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
         idx = list(range(len(examples)))
         random.Random(derive_seed(cfg.run.seed, "train", iteration, epoch)).shuffle(idx)
         order += idx
+    # Every process needs an equal share: a batch's last len % processes examples are left out
+    # (a batch smaller than the process count is repeated up to it instead); both are counted.
+    sizes = [len(order[k * t.batch_size : (k + 1) * t.batch_size]) for k in range(n_steps)]
+    dropped = sum(n % dist.world for n in sizes if n >= dist.world)
+    repeated = sum(dist.world - n for n in sizes if n < dist.world)
     log_path = tmp / "log.jsonl"
     if dist.main:
         _truncate_log(log_path, step)
@@ -318,8 +323,8 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
                       enabled=show_progress and dist.main) as bar:
         bar.advance(step)
         while step < n_steps:
-            batch = [examples[i] for i in order[step * t.batch_size : (step + 1) * t.batch_size]]
-            batch = batch[: len(batch) - len(batch) % dist.world] or batch[:1]
+            batch = _rank_batch([examples[i] for i in order[step * t.batch_size : (step + 1) * t.batch_size]],
+                                dist.world)
             shard = batch[dist.rank :: dist.world]
             chunks = [shard[k : k + micro] for k in range(0, len(shard), micro)]
             sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "chosen": 0.0, "rejected": 0.0}
@@ -388,7 +393,8 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
     stats = {"objective": t.objective, "examples": len(examples), "steps": step, "global_step": global_step,
              "final_loss": last.get("loss"), "lr": last.get("lr"), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
              "ref_seconds": round(t_ref, 3), "loop_seconds": round(loop_seconds, 3),
-             "processes": dist.world, "sharding": ("fsdp" if t.fsdp else "ddp") if dist.world > 1 else "none"}
+             "processes": dist.world, "sharding": ("fsdp" if t.fsdp else "ddp") if dist.world > 1 else "none",
+             "dropped_examples": dropped, "repeated_examples": repeated}
     if t.objective == "dpo":
         stats.update(final_margin=last.get("margin"), final_accuracy=last.get("acc"))
     return stage.commit(stats, rows=len(examples))
@@ -429,6 +435,14 @@ def _rollout_logprobs(run_dir: Path, iteration: int) -> dict:
     t = artifacts.read_table(folder, columns=["sample_id", "rollout_idx", "logprob", "prompt_truncated", "error"])
     return {(r["sample_id"], r["rollout_idx"]): r["logprob"] for r in t.to_pylist()
             if not r["prompt_truncated"] and not r["error"] and r["logprob"] is not None}
+
+
+def _rank_batch(batch: list, world: int) -> list:
+    """`batch` cut to a multiple of the process count, so each process gets an equal share; one
+    smaller than the count is repeated up to it (every process must take the step)."""
+    if len(batch) < world:
+        return (batch * world)[:world]
+    return batch[: len(batch) - len(batch) % world]
 
 
 def _known_ref(ex: dict, side: str, known: dict) -> float | None:

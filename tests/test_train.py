@@ -269,6 +269,7 @@ def test_torchrun_two_processes_matches_one(paired, tmp_path, fsdp):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = artifacts.read_manifest(run / "iter-000" / "train")
     assert m["stats"]["processes"] == 2 and m["stats"]["sharding"] == ("fsdp" if fsdp else "ddp")
+    assert m["stats"]["dropped_examples"] == m["stats"]["repeated_examples"] == 0  # 16 pairs in batches of 8
     losses = [[json.loads(l)["loss"] for l in (r / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]
               for r in (run, single)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)  # the same batches, the same loss
@@ -279,3 +280,13 @@ def test_torchrun_two_processes_matches_one(paired, tmp_path, fsdp):
     moved, apart = (flat(b) - flat(init)).norm(), (flat(a) - flat(b)).norm()
     assert (flat(a) - flat(init)).abs().max() > 5e-4 and (flat(b) - flat(init)).abs().max() > 5e-4  # both stepped
     assert apart < 1e-3 * moved, (float(apart), float(moved))  # and took the same steps
+
+
+def test_a_batch_is_cut_to_an_equal_share_per_process_and_the_cut_is_counted(paired):
+    assert train._rank_batch(list(range(7)), 2) == list(range(6))  # the 7th waits for the next epoch
+    assert train._rank_batch(list(range(8)), 2) == list(range(8))
+    assert train._rank_batch([5], 2) == [5, 5]  # every process must take the step
+    assert train._rank_batch(list(range(7)), 1) == list(range(7))
+    run, cfg = paired  # one process: nothing is cut
+    m = train.run(run, config_mod.resolve(run, overrides={"train.batch_size": 6}, force=True), 0, show_progress=False)
+    assert m["stats"]["dropped_examples"] == m["stats"]["repeated_examples"] == 0
