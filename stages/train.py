@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sipt import artifacts
+from sipt import artifacts, tracking
 from sipt.config import Config
 from sipt.errors import SiptError, StageInterrupted
 from sipt.losses import dpo_loss, nll_loss, sequence_logps
@@ -313,10 +313,10 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
     dropped = sum(n % dist.world for n in sizes if n >= dist.world)
     repeated = sum(dist.world - n for n in sizes if n < dist.world)
     log_path = tmp / "log.jsonl"
-    if dist.main:
-        _truncate_log(log_path, step)
+    sent = _truncate_log(log_path, step) if dist.main else None
     log = open(log_path, "a") if dist.main else None
-    tb = _tensorboard(tmp) if (t.tensorboard and dist.main) else None
+    # the run's experiment tracking (run.report_to): each log line at its global step, once
+    curves = tracking.TrainCurves(run_dir, global_step, sent) if dist.main else None
     last = {}
     t_start, tokens_seen = time.perf_counter(), 0
     with progress_bar(f"train iter {iteration} ({t.objective})", total=n_steps, unit="steps",
@@ -364,18 +364,14 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
             if log is not None and (step % t.log_every == 0 or step == n_steps):
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                if tb is not None:
-                    for k, v in last.items():
-                        if k not in ("step", "iter_step"):
-                            tb.add_scalar(f"train/{k}", v, global_step)
+                curves.log(last)
             if dist.main and t.checkpoint_every and step % t.checkpoint_every == 0 and step < n_steps:
                 _save_checkpoint(ckpt, model, opt, sched, global_step, step)
             bar.advance(1)
     loop_seconds = time.perf_counter() - t_start
     if log is not None:
         log.close()
-    if tb is not None:
-        tb.close()
+        curves.flush()
     dist.barrier()
     full_state = _full_state_dict(train_model, model, t.fsdp and dist.world > 1)  # a collective: every rank
     if not dist.main:
@@ -459,22 +455,27 @@ def _save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int)
     path.with_suffix(".json").write_text(json.dumps({"global_step": global_step, "step": step}))
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def _truncate_log(path: Path, step: int) -> int | None:
     """Keep the log lines of the steps up to `step` (the restored checkpoint's, 0 without one): a
-    resumed stage redoes the steps after it and logs them again. A line cut by a kill is dropped."""
+    resumed stage redoes the steps after it and logs them again. A line cut by a kill is dropped.
+    Returns the last global step logged before (None: nothing), which the trackers already have."""
     if not path.exists():
-        return
-    kept = []
+        return None
+    kept, sent = [], None
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and entry.get("iter_step", 0) <= step:
+        if not isinstance(entry, dict):
+            continue
+        sent = max(sent or 0, int(entry.get("step", 0)))
+        if entry.get("iter_step", 0) <= step:
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+    return sent
 
 
 def _full_state_dict(train_model, model, fsdp: bool):
@@ -483,14 +484,6 @@ def _full_state_dict(train_model, model, fsdp: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _tensorboard(tmp: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SiptError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(tmp / "tb"))
 
 
 def _publish(run_dir: Path, cfg: Config, iteration: int, force: bool) -> dict:

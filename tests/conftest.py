@@ -14,7 +14,8 @@ from sipt import config as config_mod
 
 # Optional packages this environment must have: a missing one is an error, not a skipped test.
 # `make test` names them (SIPT_TEST_REQUIRE); under CI=true the dev extras are required by default.
-REQUIRED = {m for m in os.environ.get("SIPT_TEST_REQUIRE", "trl,ray,lm_eval,gguf" if os.environ.get("CI") == "true"
+REQUIRED = {m for m in os.environ.get("SIPT_TEST_REQUIRE", "trl,ray,lm_eval,gguf,tensorboard,wandb,mlflow,trackio"
+                                      if os.environ.get("CI") == "true"
                                       else "").split(",") if m}
 
 
