@@ -66,6 +66,19 @@ def files_fingerprint(paths: list[Path]) -> str:
     return _sha("\n".join(parts).encode())
 
 
+def content_fingerprint(folder: Path) -> str:
+    """Fingerprint of a folder's files by their names (relative to it) and bytes: the same for a
+    copied or moved folder, unlike `files_fingerprint`. Files starting with `_` (markers) are left out."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(x for x in folder.rglob("*") if x.is_file() and not x.name.startswith("_")):
+        h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\0".encode())
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def files_ref(paths) -> str:
     """An input reference to external files (folders are expanded to the files inside them)."""
     expanded = []
@@ -435,6 +448,9 @@ class Stage:
             return False
         if issubclass(exc_type, SiptError):
             shutil.rmtree(self.tmp, ignore_errors=True)
+            parent = self.out.parent
+            if parent != Path(self.run_dir) and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()  # a refused first stage of an iteration leaves no empty iter-NNN/
         elif self.tmp.exists():
             _write_json_atomic(
                 self.tmp / FAILED,
@@ -543,8 +559,14 @@ def iterations(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("iter-[0-9][0-9][0-9]") if p.is_dir())
 
 
-def run_status(run_dir: Path, cfg_hash_fn=None) -> list[dict]:
-    """One row per stage per iteration: the data behind `sipt status`."""
+def run_status(run_dir: Path, cfg_hash_fn=None, cfg=None) -> list[dict]:
+    """One row per stage per iteration: the data behind `sipt status`.
+
+    With the run's config `cfg`, a stage the config never runs (e.g. rewrite when rewrites are not
+    candidates) and the iteration stages after the last configured iteration (run.iterations: only
+    its policy and eval) are listed only when their folder exists, never as missing. A finished
+    stage that consumed a stale one is shown stale too.
+    """
     run_dir = Path(run_dir)
     rows = []
 
@@ -565,9 +587,34 @@ def run_status(run_dir: Path, cfg_hash_fn=None) -> list[dict]:
             }
         )
 
+    def expected(stage: str, i: int) -> bool:
+        if cfg is None or stage in ("policy", "eval"):
+            return cfg is None or i <= cfg.run.iterations
+        from sipt.loop import iteration_stages
+
+        return i < cfg.run.iterations and stage in iteration_stages(cfg)
+
     add("samples", None, stage_dir(run_dir, "samples"))
     iters = iterations(run_dir) or [0]
     for i in iters:
         for stage in ITER_STAGES:
-            add(stage, i, stage_dir(run_dir, stage, i))
+            folder = stage_dir(run_dir, stage, i)
+            if expected(stage, i) or folder.exists() or (folder.parent / f".{folder.name}.tmp").exists():
+                add(stage, i, folder)
+    _pass_staleness_down(run_dir, rows)
     return rows
+
+
+def _pass_staleness_down(run_dir: Path, rows: list[dict]) -> None:
+    """Mark stale every finished row that consumed a stale one (rows are in dependency order: a stage's
+    inputs are earlier rows), so a stale rollout of iteration k shows its judge, pair, train... stale."""
+    by_path = {r["path"]: r for r in rows}
+    for r in rows:
+        if r["state"] != "done":
+            continue
+        manifest = read_manifest(Path(run_dir) / r["path"]) or {}
+        for key, entry in manifest.get("inputs", {}).items():
+            upstream = by_path.get(entry.get("ref", ""))
+            if upstream is not None and upstream["state"] == "stale":
+                r["state"], r["detail"] = "stale", f"input '{key}' ({upstream['path']}) is stale"
+                break

@@ -43,10 +43,15 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help="Parallel workers, each with its own engine (run.workers).")]
 
 
-def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: dict[str, Any], force: bool):
+def _resolve(run: Path, cfg_file: Path | None, sets: list[str] | None, flags: dict[str, Any], force: bool,
+             stage=None, check=None):
+    """The command's config. All of it, and `stage.check(cfg, run)` or `check(cfg)` (paths that must
+    exist, engines), is validated before anything is frozen: a refused command leaves the run as it was."""
     overrides = [*(sets or [])]
     overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return config_mod.resolve(run, cfg_file, overrides, force=force)
+    if stage is not None:
+        check = lambda cfg: stage.check(cfg, run)  # noqa: E731
+    return config_mod.resolve(run, cfg_file, overrides, force=force, check=check)
 
 
 def _report(manifest: dict, label: str) -> None:
@@ -55,11 +60,11 @@ def _report(manifest: dict, label: str) -> None:
     if stats.get("judge_warning"):  # a judge that reads the position more than the texts (judge.min_consistency)
         err.print(f"[bold yellow]warning:[/] {escape(label)}: {escape(stats['judge_warning'])}", soft_wrap=True)
     if manifest.get("skipped"):  # done by an earlier command, for the same config and inputs
-        out.print(f"[green]{label}[/] already done ({manifest.get('rows', 0)} rows); skipped. "
+        out.print(f"[green]{escape(label)}[/] already done ({manifest.get('rows', 0)} rows); skipped. "
                   "--force reruns it.", soft_wrap=True)
         return
-    out.print(f"[green]{label}[/] {manifest.get('rows', 0)} rows in {manifest.get('seconds', 0)} s  {shown}",
-              soft_wrap=True)
+    out.print(f"[green]{escape(label)}[/] {manifest.get('rows', 0)} rows in {manifest.get('seconds', 0)} s  "
+              f"{escape(shown)}", soft_wrap=True)
 
 
 @app.command()
@@ -77,7 +82,7 @@ def init(
 
     flags = {"model.policy": str(policy) if policy else None, "model.preset": preset,
              "data.inputs": [str(p) for p in input] if input else None}
-    cfg = _resolve(run, config, set_, flags, force)
+    cfg = _resolve(run, config, set_, flags, force, stage)
     manifest = stage.run(run, cfg, force=force)
     _report(manifest, "init")
 
@@ -107,12 +112,12 @@ def shard(
         "data.eval_fraction": eval_fraction,
         "data.streaming": streaming,
     }
-    cfg = _resolve(run, config, set_, flags, force)
+    cfg = _resolve(run, config, set_, flags, force, stage)
     manifest = stage.run(run, cfg, force=force, show_progress=progress)
     _report(manifest, "shard")
 
 
-IterOpt = Annotated[int, typer.Option("--iter", help="Iteration (its policy is iter-NNN/policy).")]
+IterOpt = Annotated[int, typer.Option("--iter", min=0, help="Iteration (its policy is iter-NNN/policy).")]
 EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="hf, vllm or openai.")]
 
 
@@ -136,7 +141,7 @@ def rollout(
 
     flags = {"rollout.n": n, "rollout.engine": engine, "rollout.temperature": temperature, "rollout.top_p": top_p,
              "run.executor": executor, "run.workers": workers}
-    cfg = _resolve(run, config, set_, flags, force)
+    cfg = _resolve(run, config, set_, flags, force, stage)
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rollout iter {iteration}")
 
 
@@ -157,7 +162,7 @@ def rewrite(
     from stages import rewrite as stage
 
     cfg = _resolve(run, config, set_, {"rewrite.engine": engine, "rewrite.model": model, "run.executor": executor,
-                                       "run.workers": workers}, force)
+                                       "run.workers": workers}, force, stage)
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"rewrite iter {iteration}")
 
 
@@ -181,7 +186,7 @@ def judge(
 
     flags = {"judge.engine": engine, "judge.model": model, "judge.scheme": scheme, "judge.mode": mode,
              "run.executor": executor, "run.workers": workers}
-    cfg = _resolve(run, config, set_, flags, force)
+    cfg = _resolve(run, config, set_, flags, force, stage)
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"judge iter {iteration}")
 
 
@@ -216,7 +221,7 @@ def models_smollm2(
     from sipt import models
 
     path = models.export("smollm2", out_dir, force=force)
-    out.print(f"[green]models[/] SmolLM2-135M-Instruct written to {path}")
+    out.print(f"[green]models[/] SmolLM2-135M-Instruct written to {escape(str(path))}")
 
 
 @app.command()
@@ -257,7 +262,7 @@ def eval_(
     from stages import eval as stage
 
     flags = {"eval.prompts": prompts, "eval.baselines": baseline or None, "eval.tasks": task or None}
-    cfg = _resolve(run, config, set_, flags, force)
+    cfg = _resolve(run, config, set_, flags, force, stage)
     manifest = stage.run(run, cfg, iteration, force=force, show_progress=progress)
     _report(manifest, f"eval iter {iteration}")
 
@@ -277,11 +282,13 @@ def loop(
     """Run init, shard and every stage of every iteration in order; skip what is done, resume what failed."""
     from sipt import loop as loop_mod
 
-    cfg = _resolve(run, config, set_, {"run.iterations": iters, "run.executor": executor, "run.workers": workers}, force)
+    flags = {"run.iterations": iters, "run.executor": executor, "run.workers": workers}
+    cfg = _resolve(run, config, set_, flags, force,
+                   check=lambda c: loop_mod.check(run, c, c.run.iterations, evaluate))
     t0 = time.perf_counter()
     for name, i, manifest in loop_mod.run(run, cfg, cfg.run.iterations, evaluate=evaluate, show_progress=progress):
         _report(manifest, name if i is None else f"{name} iter {i}")
-    out.print(f"[green]loop[/] {run}: {cfg.run.iterations} iterations done in {time.perf_counter() - t0:.1f} s")
+    out.print(f"[green]loop[/] {escape(str(run))}: {cfg.run.iterations} iterations done in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("replicate-report")
@@ -313,7 +320,7 @@ WARM_START_CHECKS = [
 @app.command("check-warm-start")
 def check_warm_start(
     run: RunOpt,
-    iteration: Annotated[int, typer.Option("--iter", help="The evaluated iteration whose policy is checked.")] = 0,
+    iteration: Annotated[int, typer.Option("--iter", min=0, help="The evaluated iteration whose policy is checked.")] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a check fails (default: warn).")] = False,
 ):
     """Check that an evaluated policy is a usable warm start: it states mostly true facts, passes the
@@ -324,7 +331,7 @@ def check_warm_start(
     if m is None:
         raise SiptError(f"{run}: iteration {iteration} has no finished eval; run `sipt eval --run {run} --iter {iteration}`")
     stats = m["stats"]
-    table = Table(title=f"warm start: {run} iter {iteration} ({stats.get('n', '?')} held-out prompts, 1 seed)")
+    table = Table(title=f"warm start: {escape(str(run))} iter {iteration} ({stats.get('n', '?')} held-out prompts, 1 seed)")
     for col in ("check", "value [95% CI]", "needed", "result"):
         table.add_column(col)
     failed = []
@@ -359,16 +366,16 @@ def report(
         if not c.exists():
             raise SiptError(f"--compare {c}: no such run directory")
     result = stage.run(run, compare)
-    table = Table(title=f"sipt report: {run}")
+    table = Table(title=f"sipt report: {escape(str(run))}")
     for col in result["header"]:
         table.add_column(col, justify="left" if col == "run" else "right")
     for row in result["rows"]:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     wide = out if out.is_terminal else Console(width=160)  # logs: no wrapped table cells
     wide.print(table)
     for line in result["comparison"]:
-        wide.print(line, highlight=False, soft_wrap=True)
-    out.print(f"[green]report[/] {result['report']} ({len(result['charts'])} charts)")
+        wide.print(escape(line), highlight=False, soft_wrap=True)
+    out.print(f"[green]report[/] {escape(str(result['report']))} ({len(result['charts'])} charts)")
 
 
 @app.command()
@@ -400,13 +407,13 @@ def plan(
         print()
         print(about)
         return
-    table = Table(title=f"sipt plan: {config}")
+    table = Table(title=f"sipt plan: {escape(str(config))}")
     for col in head:
         table.add_column(col, justify="left" if col == "scheme" else "right")
     for c in cells:
         table.add_row(*c)
     out.print(table)
-    out.print(about, highlight=False)
+    out.print(escape(about), highlight=False)
 
 
 @app.command()
@@ -426,7 +433,7 @@ def world(
     done = out_dir / "stats.json"
     if done.exists() and json.loads(done.read_text()).get("config") == dataclasses.asdict(cfg):
         stats = json.loads(done.read_text())
-        out.print(f"[green]world[/] {out_dir} already holds this world (same config); skipped")
+        out.print(f"[green]world[/] {escape(str(out_dir))} already holds this world (same config); skipped")
     else:
         stats = world_mod.generate_world(cfg, out_dir)
     out.print(world_mod.world_stats_table(stats))
@@ -444,11 +451,11 @@ def status(
         raise SiptError(f"{run}: no such run directory")
     frozen = run / config_mod.FROZEN
     cfg = config_mod.build(config_mod.load_toml(frozen), str(frozen)) if frozen.exists() else None
-    rows = artifacts.run_status(run, cfg.hash if cfg else None)
+    rows = artifacts.run_status(run, cfg.hash if cfg else None, cfg)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"sipt status: {run}")
+    table = Table(title=f"sipt status: {escape(str(run))}")
     for col in ("iter", "stage", "state", "rows", "time (s)", "detail"):
         table.add_column(col, justify="right" if col in ("rows", "time (s)") else "left")
     colors = {"done": "green", "stale": "yellow", "failed": "red", "interrupted": "red", "running": "cyan",
@@ -460,7 +467,7 @@ def status(
             f"[{colors[r['state']]}]{r['state']}[/]",
             "" if r["rows"] is None else str(r["rows"]),
             "" if r["seconds"] is None else f"{r['seconds']:.1f}",
-            str(r["detail"])[:60],
+            escape(str(r["detail"])[:60]),
         )
     out.print(table)
     for r in rows:
@@ -512,10 +519,10 @@ def main() -> None:
     try:
         app()
     except SiptError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except StageInterrupted as e:
-        err.print(f"[bold red]stage failed:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]stage failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         err.print("Finished parts are kept; rerun the same command to continue.")
         sys.exit(3)
     except KeyboardInterrupt:

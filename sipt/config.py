@@ -16,6 +16,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, get_type_hints
 
 from sipt.errors import SiptError
@@ -415,6 +416,76 @@ def register_section(name: str, cls: type) -> None:
     SECTIONS[name] = cls
 
 
+# Inclusive (lowest, highest) of numeric keys; None: unbounded. `validate` checks a resolved config
+# against them before anything is frozen, so a refused command changes nothing on disk.
+_ENGINE_BOUNDS = {"batch_size": (1, None), "max_model_len": (0, None), "gpu_memory_utilization": (0.01, 1.0),
+                  "kv_cache_mb": (0, None), "concurrency": (1, None), "timeout_s": (0.001, None),
+                  "max_retries": (0, None)}
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    **{f"{s}.{k}": b for s in ("rollout", "rewrite", "judge", "eval") for k, b in _ENGINE_BOUNDS.items()},
+    "run.iterations": (0, None), "run.prompts_per_iter": (1, None), "run.workers": (1, None),
+    "run.threads": (0, None), "run.worker_gpus": (0, None),
+    "data.suffix_tokens": (1, None), "data.min_prefix_tokens": (1, None), "data.max_prefix_tokens": (1, None),
+    "data.samples_per_doc": (1, None), "data.eval_fraction": (0, 1), "data.docs_per_part": (1, None),
+    "data.tokenize_batch_size": (1, None),
+    "model.vocab_size": (0, None), "model.max_position_embeddings": (1, None), "model.tokenizer_docs": (1, None),
+    "rollout.n": (1, None), "rollout.temperature": (0, None), "rollout.top_p": (0, 1), "rollout.top_k": (0, None),
+    "rollout.max_new_tokens": (0, None), "rollout.prompts_per_part": (1, None),
+    "rewrite.prefix_ending_words": (0, None), "rewrite.temperature": (0, None), "rewrite.top_p": (0, 1),
+    "rewrite.max_new_tokens": (0, None),
+    "judge.repeats": (1, None), "judge.parse_retries": (0, None), "judge.temperature": (0, None),
+    "judge.top_p": (0, 1), "judge.max_new_tokens": (1, None), "judge.noise": (0, 1),
+    "pair.min_margin": (0, None),
+    "train.beta": (0, None), "train.ntp_weight": (0, None), "train.lr": (0, None), "train.min_lr_ratio": (0, 1),
+    "train.warmup_steps": (0, None), "train.total_steps": (0, None), "train.batch_size": (1, None),
+    "train.micro_batch_size": (1, None), "train.epochs": (1, None), "train.weight_decay": (0, None),
+    "train.adam_beta1": (0, 1), "train.adam_beta2": (0, 1), "train.max_grad_norm": (0, None),
+    "train.checkpoint_every": (0, None), "train.log_every": (1, None),
+    "eval.prompts": (1, None), "eval.max_new_tokens": (0, None), "eval.judge_seeds": (1, None),
+    "eval.judge_temperature": (0, None), "eval.at_risk_prompts": (0, None), "eval.lm_eval_limit": (0, None),
+    "eval.lm_eval_batch_size": (1, None),
+}
+
+
+def validate(cfg: "Config", where: str = "config") -> None:
+    """Check the ranges of a resolved config (`BOUNDS`) and the keys that must agree with each other."""
+    for dotted, (lo, hi) in BOUNDS.items():
+        section, key = dotted.split(".", 1)
+        if section not in cfg.sections or not hasattr(cfg.sections[section], key):
+            continue
+        value = getattr(cfg.sections[section], key)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            need = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise SiptError(f"{where}: {dotted} = {value!r} must be {need}; pass a valid value "
+                            f"(--set {dotted}=...) or fix the config file")
+    d = cfg.data
+    if d.min_prefix_tokens > d.max_prefix_tokens:
+        raise SiptError(f"{where}: data.min_prefix_tokens = {d.min_prefix_tokens} is larger than "
+                        f"data.max_prefix_tokens = {d.max_prefix_tokens}")
+    if cfg.rollout.engine == "oracle":
+        raise SiptError(f"{where}: rollout.engine = 'oracle': the oracle only judges and rewrites; use hf, vllm "
+                        "or openai")
+    if cfg.eval.engine == "oracle":
+        raise SiptError(f"{where}: eval.engine = 'oracle': the oracle only judges; the policy generates with hf, "
+                        "vllm or openai")
+
+
+def check_model(section: str, e: EngineConfig, *, required: bool = True) -> None:
+    """An engine section's model must be given (unless `required` is False and it is empty) and, for
+    the engines that load a folder (hf, vllm), be a Hugging Face model folder that exists."""
+    if e.engine == "oracle":
+        return
+    if not e.model:
+        if required:
+            raise SiptError(f"{section}.model is empty: name the {section} model (a folder, or the served name "
+                            "for openai)")
+        return
+    if e.engine in ("hf", "vllm") and not (Path(e.model) / "config.json").is_file():
+        what = "no such folder" if not Path(e.model).exists() else "not a Hugging Face model folder (no config.json)"
+        raise SiptError(f"{section}.model = {e.model}: {what}; {section}.engine = '{e.engine}' loads a local "
+                        "model folder (for a served model use engine = 'openai')")
+
+
 @dataclass
 class Config:
     """A resolved run configuration: one instance per section."""
@@ -576,13 +647,15 @@ def resolve(
     overrides: list[str] | dict[str, Any] | None = None,
     *,
     force: bool = False,
+    check: Callable[[Config], None] | None = None,
 ) -> Config:
     """The config a command runs with, frozen into `run_dir/sipt.toml` on first use.
 
     Order: the frozen file (or `config_file`, or defaults), then `overrides`. A new value for a key
     that no finished stage depends on yet is simply frozen; a change to a result-affecting key that
     a finished stage was made with is refused unless `force`, which re-freezes it (the stages that
-    depend on it then show as stale).
+    depend on it then show as stale). The whole resolved config is validated (`validate`, then
+    `check`) before anything is written: a refused command changes nothing on disk.
     """
     run_dir = Path(run_dir)
     frozen_path = run_dir / FROZEN
@@ -594,7 +667,11 @@ def resolve(
         base, where = frozen.to_dict(), str(frozen_path)
     else:
         base, where = {}, "defaults"
-    resolved = build(apply_overrides(base, overrides or []), where if not overrides else f"{where} + overrides")
+    where = where if not overrides else f"{where} + overrides"
+    resolved = build(apply_overrides(base, overrides or []), where)
+    validate(resolved, where)
+    if check is not None:  # the command's own checks (paths that must exist, engines), before any write
+        check(resolved)
     from sipt import tracking
 
     tracking.configure(run_dir, resolved, where)  # run.report_to: a missing package is refused before any write

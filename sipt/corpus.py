@@ -64,17 +64,20 @@ def resolve_sources(cfg: DataConfig) -> list[tuple[str, str]]:
         if _is_saved_dataset(path):
             sources.append(("saved-dataset", str(path)))
             continue
-        if glob.has_magic(spec):
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
-            if not matches:
-                raise SiptError(f"{spec}: the pattern matches no file")
-            files = [m for m in matches if m.is_file()]
-        elif path.is_dir():
+        # An existing path is taken literally (`data[v2].jsonl` is a file, not a pattern); only a
+        # path that does not exist is expanded as a glob.
+        if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p, cfg.format) != "unknown")
             if not files:
                 raise SiptError(f"{spec}: the folder holds no .jsonl, .parquet or .txt files")
         elif path.is_file():
             files = [path]
+        elif glob.has_magic(spec):
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            if not matches:
+                raise SiptError(f"{spec}: the pattern matches no file (to name a file with [ ] * ? in it, "
+                                "check that it exists)")
+            files = [m for m in matches if m.is_file()]
         else:
             raise SiptError(
                 f"{spec}: no such file or folder (for a `datasets` hub name set data.format = 'datasets')"

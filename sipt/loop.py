@@ -42,6 +42,16 @@ def plan(cfg: Config, iterations: int, evaluate: bool) -> list[tuple[str, int | 
     return steps
 
 
+def check(run_dir: Path, cfg: Config, iterations: int, evaluate: bool) -> None:
+    """Every planned stage's checks (paths that must exist, engines), before the loop freezes its config."""
+    import importlib
+
+    for name in dict.fromkeys(name for name, _ in plan(cfg, iterations, evaluate)):
+        module = importlib.import_module(f"stages.{name}")
+        if hasattr(module, "check"):
+            module.check(cfg, run_dir)
+
+
 def run(run_dir: Path, cfg: Config, iterations: int, *, evaluate: bool = True,
         show_progress: bool = True) -> Iterator[tuple[str, int | None, dict]]:
     """Run the plan; yield (stage, iteration, manifest) after each stage."""

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sipt import artifacts, judging, stats
-from sipt.config import OBJECTIVES, Config
+from sipt.config import OBJECTIVES, Config, check_model
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.progress import progress_bar
@@ -95,7 +95,9 @@ POINTWISE = ("safety", "factuality")
 AT_RISK_CUTS = (1, 2, 3)
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, run_dir: Path) -> None:
+    """What can be checked before any work (and before the command freezes its config): values, the
+    generating and judging models, the oracle's world, baseline folders."""
     e = cfg.eval
     bad = [o for o in e.objectives if o not in OBJECTIVES]
     if bad:
@@ -110,6 +112,15 @@ def check(cfg: Config) -> None:
         raise SiptError("eval.baselines is empty, but quality / coherence are win rates against a baseline")
     if cfg.judge.engine != "oracle" and not cfg.judge.model:
         raise SiptError("judge.model is empty: eval judges with the [judge] section's engine and model")
+    check_model("eval", e, required=False)
+    if cfg.judge.engine == "oracle":
+        oracle_kb(cfg.judge.world, run_dir, "judge", "judge.world")
+    elif e.objectives:
+        check_model("judge", cfg.judge)
+    for entry in e.baselines if any(o in PAIRWISE for o in e.objectives) else []:
+        if entry != "initial" and not Path(entry).exists():
+            raise SiptError(f"eval.baselines: {entry} does not exist (yet). Make it first (a run: `sipt loop "
+                            f"--run {entry}`), or leave it out of eval.baselines")
 
 
 def resolve_baseline(run_dir: Path, entry: str, iteration: int) -> tuple[Path, str]:
@@ -238,10 +249,10 @@ def generate(model_dir: Path, rows: list[dict], cfg: Config, seed: int, run_dir:
 
 
 def cached_generations(run_dir: Path, model_dir: Path, rows: list[dict], cfg: Config, seed: int) -> list[dict]:
-    """A baseline's generations, computed once per model, prefixes and generation settings."""
+    """A baseline's generations, computed once per model, prefixes and generation settings. The model
+    is keyed by its files' contents, so a copied or moved run (or baseline) reuses the cache."""
     e = cfg.eval
-    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and not p.name.startswith("_"))
-    key = json.dumps([artifacts.files_fingerprint(files), [r["sample_id"] for r in rows],
+    key = json.dumps([artifacts.content_fingerprint(model_dir), [r["sample_id"] for r in rows],
                       _max_new(cfg), e.engine, e.model, e.dtype, seed])
     path = Path(run_dir) / "cache" / "eval" / f"{artifacts._sha(key.encode())}.parquet"
     if path.exists():
@@ -257,7 +268,7 @@ def cached_generations(run_dir: Path, model_dir: Path, rows: list[dict], cfg: Co
 def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     e, j = cfg.eval, cfg.judge
-    check(cfg)
+    check(cfg, run_dir)
     pairwise = [o for o in e.objectives if o in PAIRWISE]
     pointwise = [o for o in e.objectives if o in POINTWISE]
     toy = j.engine == "oracle"

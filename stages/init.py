@@ -105,14 +105,44 @@ def _copy_policy(src: Path, dst: Path) -> None:
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / item.name)
 
 
+def check_corpus(cfg: Config, tokenizer, read: int) -> None:
+    """Refuse a corpus that cannot give a single sample (empty, or every document shorter than
+    min_prefix_tokens + suffix_tokens under the new tokenizer): `shard` would fail after the work."""
+    d = cfg.data
+    need = d.min_prefix_tokens + d.suffix_tokens
+    long_enough = 0
+    if read:
+        # A token covers at most a few dozen characters, so the first `need * 64` tell a long document.
+        docs = itertools.islice(corpus.iter_documents(d), cfg.model.tokenizer_docs)
+        for doc in docs:
+            if doc.text is not None and len(tokenizer(doc.text[: need * 64], add_special_tokens=False).input_ids) >= need:
+                long_enough += 1
+                break  # one is enough to go on; shard counts the rest
+    if not long_enough:
+        where = ", ".join(map(str, d.inputs))
+        raise SiptError(
+            f"{where}: no document is long enough for a sample: {read} documents read, {long_enough} long "
+            f"enough (at least data.min_prefix_tokens + data.suffix_tokens = {d.min_prefix_tokens} + "
+            f"{d.suffix_tokens} = {need} tokens), 1 needed. Add longer documents or lower data.suffix_tokens "
+            "/ data.min_prefix_tokens"
+        )
+
+
+def check(cfg: Config, run_dir: Path) -> None:
+    """What can be checked before any work (and before the command freezes its config)."""
+    if cfg.model.policy:
+        if not Path(cfg.model.policy).exists():
+            raise SiptError(f"model.policy = {cfg.model.policy}: no such folder")
+    else:
+        corpus.resolve_sources(cfg.data)  # the corpus the tokenizer is trained on exists
+
+
 def run(run_dir: Path, cfg: Config, *, force: bool = False) -> dict:
     run_dir = Path(run_dir)
     m = cfg.model
+    check(cfg, run_dir)
     if m.policy:
-        src = Path(m.policy)
-        if not src.exists():
-            raise SiptError(f"model.policy = {m.policy}: no such folder")
-        inputs = {"source_model": artifacts.files_ref([src])}
+        inputs = {"source_model": artifacts.files_ref([Path(m.policy)])}
     else:
         inputs = {"corpus": corpus.input_ref(cfg.data)}
     keys = SECTIONS + ([] if m.policy else CORPUS_KEYS)
@@ -136,9 +166,17 @@ def run(run_dir: Path, cfg: Config, *, force: bool = False) -> dict:
             _copy_policy(Path(m.policy), stage.tmp)
             stats = {"source": str(m.policy)}
         else:
-            texts = (doc.text for doc in itertools.islice(corpus.iter_documents(cfg.data), m.tokenizer_docs)
-                     if doc.text is not None)
-            tokenizer = train_tokenizer(texts, m.vocab_size or PRESETS[m.preset]["vocab_size"])
+            read = 0
+
+            def texts():
+                nonlocal read
+                for doc in itertools.islice(corpus.iter_documents(cfg.data), m.tokenizer_docs):
+                    if doc.text is not None:
+                        read += 1
+                        yield doc.text
+
+            tokenizer = train_tokenizer(texts(), m.vocab_size or PRESETS[m.preset]["vocab_size"])
+            check_corpus(cfg, tokenizer, read)
             model = build_model(tokenizer, m.preset, cfg)
             model.save_pretrained(stage.tmp, safe_serialization=True)
             tokenizer.save_pretrained(stage.tmp)

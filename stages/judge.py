@@ -16,11 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from sipt import artifacts, judging
-from sipt.config import CANDIDATES, OBJECTIVES, Config
+from sipt.config import CANDIDATES, OBJECTIVES, Config, check_model
 from sipt.errors import SiptError
 from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples
-from sipt.world import oracle_inputs
+from sipt.world import oracle_inputs, oracle_kb
 
 JUDGMENTS = pa.schema(
     [
@@ -58,7 +58,9 @@ SCORES = pa.schema(
 SECTIONS = ["run.seed", "run.prompts_per_iter", "rollout.prompts_per_part", "judge"]
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, run_dir: Path) -> None:
+    """Everything about the [judge] section that can be checked before any work (and before the
+    command freezes its config): values, templates, the judge model folder, the oracle's world."""
     j = cfg.judge
     for key, values, allowed in (("objectives", j.objectives, OBJECTIVES), ("candidates", j.candidates, CANDIDATES)):
         bad = [v for v in values if v not in allowed]
@@ -72,16 +74,17 @@ def check(cfg: Config) -> None:
         raise SiptError("judge.repeats must be >= 1 and judge.parse_retries >= 0")
     if j.engine == "oracle" and j.mode == "logprob":
         raise SiptError("judge.mode = 'logprob' needs a model (engine hf, vllm or openai); the oracle answers in text")
-    if j.engine != "oracle" and not j.model:
-        raise SiptError("judge.model is empty: name the judge model (a folder, or the served name for openai)")
+    check_model("judge", j)
+    for o in j.objectives:  # fail on a bad template before any work, whatever the engine
+        judging.load_template(o, j.templates.get(o, ""))
+    if j.engine == "oracle":
+        oracle_kb(j.world, run_dir, "judge", "judge.world")
 
 
 def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     j = cfg.judge
-    check(cfg)
-    for o in j.objectives:  # fail on a bad template before any work, whatever the engine
-        judging.load_template(o, j.templates.get(o, ""))
+    check(cfg, run_dir)
     inputs = {"samples": "samples"}
     if "rollouts" in j.candidates:
         inputs["rollout"] = f"iter-{iteration:03d}/rollout"

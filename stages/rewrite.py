@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sipt import artifacts
-from sipt.config import Config
+from sipt.config import Config, check_model
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.executor import run_parts
@@ -71,9 +71,20 @@ def clean_answer(answer: str, ending: str) -> str:
     return answer
 
 
+def check(cfg: Config, run_dir: Path) -> None:
+    """What can be checked before any work (and before the command freezes its config)."""
+    rw = cfg.rewrite
+    load_template(rw.template)
+    if rw.engine == "oracle":
+        oracle_kb(rw.world, run_dir, "rewriter", "rewrite.world")
+    else:
+        check_model("rewrite", rw)
+
+
 def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     rw = cfg.rewrite
+    check(cfg, run_dir)
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
     inputs = {"samples": "samples"}
     if rw.engine == "oracle":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sipt import artifacts
-from sipt.config import Config
+from sipt.config import Config, check_model
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.executor import run_parts
@@ -41,15 +41,22 @@ def sampling(cfg: Config, seed: int) -> Sampling:
                     stop_at_eos=r.stop_at_eos)
 
 
-def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
-
-    run_dir = Path(run_dir)
+def check(cfg: Config, run_dir: Path) -> None:
+    """What can be checked before any work (and before the command freezes its config)."""
     r = cfg.rollout
     if r.engine == "oracle":
         raise SiptError("rollout.engine = 'oracle': the oracle only judges and rewrites; use hf, vllm or openai")
     if r.n < 1 or r.prompts_per_part < 1:
         raise SiptError("rollout.n and rollout.prompts_per_part must be >= 1")
+    check_model("rollout", r, required=False)  # empty: the iteration's policy
+
+
+def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    r = cfg.rollout
+    check(cfg, run_dir)
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
     stage = artifacts.Stage(
         run_dir=run_dir, name="rollout", out=artifacts.stage_dir(run_dir, "rollout", iteration),

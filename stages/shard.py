@@ -288,15 +288,22 @@ def _process(docs: list[corpus.Document], tok, cfg: Config) -> tuple[pa.Table, d
     return pa.Table.from_arrays(arrays, schema=SCHEMA), stats
 
 
-def run(run_dir: Path, cfg: Config, *, force: bool = False, show_progress: bool = True) -> dict:
-    """Write `samples/` for the run. Returns the stage manifest (the existing one if skipped)."""
-    run_dir = Path(run_dir)
+def check(cfg: Config, run_dir: Path) -> None:
+    """What can be checked before any work (and before the command freezes its config)."""
     d = cfg.data
     unknown = [f for f in d.filters if f not in corpus.FILTERS]
     if unknown:
         raise SiptError(f"data.filters: unknown filter '{unknown[0]}' (known: {', '.join(corpus.FILTERS)})")
     if d.suffix_tokens < 1 or d.min_prefix_tokens < 1 or d.max_prefix_tokens < d.min_prefix_tokens:
         raise SiptError("data: need suffix_tokens >= 1 and 1 <= min_prefix_tokens <= max_prefix_tokens")
+    corpus.resolve_sources(d)
+
+
+def run(run_dir: Path, cfg: Config, *, force: bool = False, show_progress: bool = True) -> dict:
+    """Write `samples/` for the run. Returns the stage manifest (the existing one if skipped)."""
+    run_dir = Path(run_dir)
+    d = cfg.data
+    check(cfg, run_dir)
     policy = artifacts.stage_dir(run_dir, "policy", 0)
     tok = load_tokenizer(policy)
     stage = artifacts.Stage(

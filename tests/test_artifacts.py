@@ -90,6 +90,64 @@ def test_missing_input_is_a_clear_error(tmp_path):
             pass
 
 
+def test_status_shows_what_the_config_runs_and_passes_staleness_down(tmp_path):
+    from sipt import config as config_mod
+
+    cfg = config_mod.build({"run": {"iterations": 1}})  # candidates suffix + rollouts: no rewrite stage
+
+    def finish(name, out, sections, inputs):
+        with _stage(tmp_path, name=name, out=tmp_path / out, config_hash=cfg.hash(sections),
+                    config_sections=sections, inputs=inputs) as st:
+            st.write_part(0, _table(1))
+            st.commit()
+
+    finish("shard", "samples", ["data"], {})
+    finish("init", "iter-000/policy", ["model"], {})
+    finish("rollout", "iter-000/rollout", ["rollout"], {"samples": "samples", "policy": "iter-000/policy"})
+    finish("judge", "iter-000/judge", ["judge"], {"samples": "samples", "rollout": "iter-000/rollout"})
+    finish("pair", "iter-000/pair", ["pair"], {"judge": "iter-000/judge"})
+    finish("train", "iter-000/train", ["train"], {"data": "iter-000/pair", "policy": "iter-000/policy"})
+    finish("train", "iter-001/policy", ["train"], {"train": "iter-000/train"})
+
+    def states(c):
+        return {(r["iteration"], r["stage"]): (r["state"], r["detail"]) for r in artifacts.run_status(tmp_path, c.hash, c)}
+
+    got = states(cfg)
+    assert (0, "rewrite") not in got  # the config never runs it
+    assert set(k for k in got if k[0] == 1) == {(1, "policy"), (1, "eval")}  # past the last iteration's work
+    assert got[(0, "eval")][0] == got[(1, "eval")][0] == "missing"
+    assert all(s == "done" for k, (s, _) in got.items() if k[1] != "eval")
+    # a new rollout.n makes the rollout stale, and with it everything made from it
+    got = states(config_mod.build({"run": {"iterations": 1}, "rollout": {"n": 8}}))
+    assert got[(0, "rollout")] == ("stale", "config changed")
+    assert got[(0, "judge")] == ("stale", "input 'rollout' (iter-000/rollout) is stale")
+    for key in ((0, "pair"), (0, "train"), (1, "policy")):
+        assert got[key][0] == "stale", key
+    assert got[(None, "samples")][0] == got[(0, "policy")][0] == "done"
+    # a rewrite made under another config is still shown (its folder exists)
+    finish("rewrite", "iter-000/rewrite", ["rewrite"], {"samples": "samples"})
+    assert states(cfg)[(0, "rewrite")][0] == "done"
+
+
+def test_content_fingerprint_survives_a_copy_and_sees_a_change(tmp_path):
+    import shutil
+    import time
+
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "model.bin").write_bytes(b"weights")
+    (a / "sub" / "tok.json").write_text("{}")
+    (a / "_SUCCESS.json").write_text("{}")
+    time.sleep(0.01)
+    b = tmp_path / "moved" / "b"
+    shutil.copytree(a, b, copy_function=shutil.copy)  # new path, new mtimes
+    (b / "_SUCCESS.json").write_text('{"other": 1}')  # markers are not content
+    assert artifacts.content_fingerprint(a) == artifacts.content_fingerprint(b)
+    assert artifacts.files_fingerprint([a / "model.bin"]) != artifacts.files_fingerprint([b / "model.bin"])
+    (b / "model.bin").write_bytes(b"weightz")
+    assert artifacts.content_fingerprint(a) != artifacts.content_fingerprint(b)
+
+
 HOLD = """
 import sys, time
 from pathlib import Path

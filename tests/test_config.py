@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -62,6 +63,56 @@ def test_freeze_refuse_force(tmp_path):
     assert cfg.hash(["data"]) != c.resolve(run).hash(["data"])
 
 
+def test_bounds_name_real_keys_and_the_defaults_are_valid():
+    cfg = c.build({})
+    for dotted in c.BOUNDS:
+        section, key = dotted.split(".")
+        assert hasattr(cfg.sections[section], key), dotted
+    c.validate(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.n=-3", "rollout.n = -3 must be >= 1"),
+    ("data.eval_fraction=2.0", "data.eval_fraction = 2.0 must be between 0 and 1"),
+    ("train.batch_size=0", "train.batch_size = 0 must be >= 1"),
+    ("judge.top_p=1.5", "judge.top_p = 1.5 must be between 0 and 1"),
+    ("data.min_prefix_tokens=4000", "data.min_prefix_tokens = 4000 is larger than data.max_prefix_tokens"),
+    ("rollout.engine='oracle'", "rollout.engine = 'oracle'"),
+])
+def test_a_refused_value_is_never_frozen(tmp_path, override, message):
+    run = tmp_path / "run"
+    with pytest.raises(SiptError, match=re.escape(message)):
+        c.resolve(run, overrides=[override])
+    assert not run.exists()  # a first command that is refused creates nothing
+    c.resolve(run, overrides=["rollout.n=4"])
+    frozen = (run / "sipt.toml").read_bytes()
+    for force in (False, True):
+        with pytest.raises(SiptError):
+            c.resolve(run, overrides=[override], force=force)
+        assert (run / "sipt.toml").read_bytes() == frozen
+
+
+def test_the_command_check_runs_before_the_config_is_frozen(tmp_path):
+    def check(cfg):
+        raise SiptError(f"judge.world = {cfg.judge.world}: no kb.json")
+
+    c.resolve(tmp_path, overrides=["rollout.n=4"])
+    frozen = (tmp_path / "sipt.toml").read_bytes()
+    with pytest.raises(SiptError, match="no kb.json"):
+        c.resolve(tmp_path, overrides=["judge.world='/bad'"], check=check)
+    assert (tmp_path / "sipt.toml").read_bytes() == frozen
+
+
+def test_an_engine_model_folder_must_exist(tmp_path):
+    cfg = c.build({"judge": {"engine": "hf", "model": str(tmp_path / "nope")}})
+    with pytest.raises(SiptError, match=r"judge.model = .*nope: no such folder"):
+        c.check_model("judge", cfg.judge)
+    (tmp_path / "nope").mkdir()
+    with pytest.raises(SiptError, match="not a Hugging Face model folder"):
+        c.check_model("judge", cfg.judge)
+    c.check_model("judge", c.build({"judge": {"engine": "openai", "model": "served-name"}}).judge)  # a name
+
+
 def test_frozen_toml_round_trips(tmp_path):
     cfg = c.resolve(tmp_path, overrides=["data.inputs=['x y.jsonl', \"q'uote\"]", "data.filters=['rpv2-quality']"])
     again = c.build(c.load_toml(tmp_path / "sipt.toml"))
@@ -92,7 +143,7 @@ def test_shipped_configs_are_valid():
     configs = sorted(Path(__file__).parent.parent.joinpath("data", "configs").glob("*.toml"))
     assert configs
     for path in configs:
-        c.build(c.load_toml(path), str(path))
+        c.validate(c.build(c.load_toml(path), str(path)), str(path))
 
 
 def test_readme_reference_is_current():

@@ -61,6 +61,30 @@ def test_init_from_existing_model_folder(policy_run, tmp_path):
     assert not (tmp_path / "r2" / "iter-000" / "policy").exists()
 
 
+@pytest.mark.parametrize("docs, read", [([], 0), (["Too short.", "Also short.", "Hi."], 3)])
+def test_init_refuses_a_corpus_that_gives_no_sample(tmp_path, docs, read):
+    from conftest import write_jsonl
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    run = tmp_path / "run"
+    cfg = config_mod.resolve(run, overrides={"data.inputs": [str(corpus)], "model.vocab_size": 300})
+    with pytest.raises(SiptError) as e:
+        init.run(run, cfg)
+    assert f"{read} documents read, 0 long enough" in str(e.value)
+    assert "16 + 128 = 144 tokens), 1 needed" in str(e.value) and str(corpus) in str(e.value)
+    assert sorted(p.name for p in run.iterdir()) == ["sipt.toml"]  # no empty iter-000/
+
+
+def test_init_accepts_a_corpus_with_one_long_document(tmp_path):
+    from conftest import make_docs, write_jsonl
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ["Too short."] * 3 + make_docs(1, min_sent=30, max_sent=30))
+    run = tmp_path / "run"
+    cfg = config_mod.resolve(run, overrides={"data.inputs": [str(corpus)], "model.vocab_size": 300,
+                                             "model.preset": "tiny"})
+    assert init.run(run, cfg)["stats"]["vocab_size"] == 300
+
+
 def test_the_tokenizer_trainer_reads_long_documents_in_pieces_with_the_same_result(monkeypatch):
     from conftest import make_docs
     from stages import init, shard

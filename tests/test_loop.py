@@ -374,3 +374,27 @@ def test_failed_generations_are_left_out_of_every_measure(wrun):
     assert [x is None for x in versus["initial"]["quality"]] == [False, True, False, False]
     gt = eval_stage.ground_truth(OracleJudge(cfg.judge.world), rows, gens)
     assert [x is None for x in gt["gt_claims"]] == [False, True, False, False]
+
+
+def test_eval_baseline_cache_is_reused_by_a_moved_run(world_run, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    a = tmp_path / "a"
+    shutil.copytree(world_run / "iter-000", a / "iter-000")
+    cfg = config_mod.build({})
+    rows = [{"sample_id": "d1#0"}, {"sample_id": "d2#0"}]
+    made = []
+
+    def fake_generate(model_dir, rows, cfg, seed, run_dir):
+        made.append(model_dir)
+        return [SimpleNamespace(text=f"gen {r['sample_id']}", error="") for r in rows]
+
+    monkeypatch.setattr(eval_stage, "generate", fake_generate)
+    first = eval_stage.cached_generations(a, a / "iter-000" / "policy", rows, cfg, 7)
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b, copy_function=shutil.copy)  # another path, new modification times
+    shutil.rmtree(a)
+    assert eval_stage.cached_generations(b, b / "iter-000" / "policy", rows, cfg, 7) == first
+    assert len(made) == 1  # the moved run read its cache instead of generating again
+    eval_stage.cached_generations(b, b / "iter-000" / "policy", rows, cfg, 8)  # other settings: generated
+    assert len(made) == 2
