@@ -251,7 +251,7 @@ class Tracker:
         run_id = self._ids.get("mlflow_run_id")
         if run_id is not None:
             try:
-                client.get_run(run_id)
+                client.update_run(run_id, status="RUNNING")  # each command ends it FINISHED (`close`)
             except Exception:  # noqa: BLE001 - another tracking server, or the run was deleted
                 run_id = None
         if run_id is None:
@@ -278,7 +278,8 @@ class Tracker:
             # creation second): a purge point only affects the files named before it.
             newest = max((int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
                           if p.name.split(".")[3].isdigit()), default=0)
-            while int(time.time()) <= newest:
+            deadline = time.time() + 2  # a file from a host whose clock is ahead: do not wait for it
+            while int(time.time()) <= newest and time.time() < deadline:
                 time.sleep(0.05)
             self._tb[stage] = SummaryWriter(str(folder))
         return self._tb[stage]

@@ -174,6 +174,7 @@ SECRETS = {"WANDB_API_KEY": "5ec4e7c0ffee5ec4e7c0ffee5ec4e7c0ffee5ec4", "MLFLOW_
            "MLFLOW_TRACKING_TOKEN": "tok-5ec4e7-mlflow", "HF_TOKEN": "hf_5ec4e7c0ffee5ec4e7c0ffee"}
 
 
+@pytest.mark.slow
 def test_wandb_mlflow_trackio_offline_and_no_api_key_in_the_run(tmp_path, corpus_dir, monkeypatch):
     for module in ("tensorboard", "wandb", "mlflow", "trackio"):
         require(module)
@@ -218,6 +219,20 @@ def test_wandb_mlflow_trackio_offline_and_no_api_key_in_the_run(tmp_path, corpus
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == 3, again.stdout + again.stderr[-2000:]
     assert files_of(run / "logs") == before
+    # a later command continues the same W&B / MLflow / Trackio run
+    more = subprocess.run([*cmd[:3], "train", "--run", str(run), "--iter", "1", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    total = artifacts.read_manifest(run / "iter-001" / "train")["stats"]["global_step"]
+    steps = list(range(1, total + 1))
+    assert [s for s, _ in read_events(run / "logs" / "train")["train/loss"]] == steps
+    assert [m.step for m in client.get_metric_history(ids["mlflow_run_id"], "train/loss")] == steps
+    assert json.loads((run / "logs" / "tracking.json").read_text()) == ids
+    history = [r for f in sorted((run / "logs" / "wandb").glob("offline-run-*/run-*.wandb")) for r in _wandb_history(f)]
+    assert [r["global_step"] for r in history if "train/loss" in r] == steps
+    assert len({f.name for f in (run / "logs" / "wandb").glob("offline-run-*/run-*.wandb")}) == 1  # one W&B id
+    logged = [json.loads(x) for (x,) in db.execute("SELECT metrics FROM metrics ORDER BY id")]
+    assert [x["train_iter/global_step"] for x in logged if "train_iter/global_step" in x] == [n, total]
     # the keys in the environment are nowhere in the run folder
     for path in run.rglob("*"):
         if path.is_file():
