@@ -35,8 +35,12 @@ EXECUTORS = ("local", "ray")
 
 
 def _write(tmp: Path, k: int, outputs) -> None:
+    path = None
     for family, table, stats in outputs:
-        artifacts.write_parquet_atomic(Path(tmp) / f"{family}-{k:05d}.parquet", table, stats)
+        path = Path(tmp) / f"{family}-{k:05d}.parquet"
+        artifacts.write_parquet_atomic(path, table, stats)
+    if path is not None:
+        artifacts.kill_point(path)
 
 
 def _threads(run_cfg, workers: int) -> int:

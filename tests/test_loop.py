@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from conftest import mc_accuracy
 from sipt import artifacts, config as config_mod, loop
 from sipt.errors import SiptError
 from sipt.oracle import OracleJudge
@@ -240,7 +241,13 @@ def test_eval_runs_the_world_mc_task_through_lm_eval(wrun, world_run):
         "eval.include_path": [str(world_run / "world" / "mc")], "eval.lm_eval_limit": 8})
     s = eval_stage.run(wrun, cfg, 0, show_progress=False)["stats"]
     acc = s["benchmarks"]["sipt_world_mc"]["acc"]
-    assert 0.0 <= acc <= 1.0 and s["benchmark_avg"] == round(100 * acc, 2)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = wrun / "iter-000" / "policy"
+    docs = [json.loads(x) for x in (world_run / "world" / "mc" / "sipt_world_mc.jsonl").read_text().splitlines()][:8]
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    assert acc == mc_accuracy(model, AutoTokenizer.from_pretrained(policy), docs)
+    assert s["benchmark_avg"] == round(100 * acc, 2)
 
 
 def test_loop_plan_follows_the_objective_and_candidates(wrun):
@@ -278,18 +285,14 @@ def test_loop_report_and_rerun_after_a_killed_judge(wrun, tmp_path):
     shutil.copytree(wrun, clean)
     sets = [*LOOP_SETS, "--set", "judge.repeats=3",
             "--set", "judge.noise=0.1", "--iters", "3", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "sipt.cli", "loop", "--run", str(wrun), *sets],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a deterministic kill: the loop SIGKILLs itself right after writing judge part 1 of iteration 2
+    env = {**os.environ, "SIPT_KILL_AFTER_PARTS": "iter-002/judge:1"}
+    proc = subprocess.run([sys.executable, "-m", "sipt.cli", "loop", "--run", str(wrun), *sets],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
     tmp = wrun / "iter-002" / ".judge.tmp"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(tmp.glob("scores-*.parquet")):
-        assert proc.poll() is None, "the loop ended before the kill"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     assert not (wrun / "iter-002" / "judge" / artifacts.SUCCESS).exists()
-    kept = len(list(tmp.glob("scores-*.parquet")))
-    assert 1 <= kept < 3  # parts of 4 of the 12 prefixes
+    assert len(list(tmp.glob("scores-*.parquet"))) == 1  # 1 of 3 parts (4 of the 12 prefixes each)
     before = _manifests(wrun)
     assert ("train", 1) in before and ("judge", 2) not in before
     status = {(r["stage"], r["iteration"]): r["state"] for r in artifacts.run_status(wrun)}
@@ -331,6 +334,22 @@ def test_loop_report_and_rerun_after_a_killed_judge(wrun, tmp_path):
                                     for i in range(3))
 
 
+def test_failed_generations_are_left_out_of_every_measure(wrun):
+    # A generation the engine could not make (Generation.error) is neither judged nor counted.
+    from sipt.engines import Generation
+
+    cfg = config_mod.resolve(wrun, overrides=EVAL)
+    rows = eval_stage.eval_samples(wrun, cfg)[:4]
+    gens = [Generation([7], r["suffix_text"], -1.0, "length") for r in rows]
+    gens[1] = Generation([], "", None, "error", error="HTTP 400: prompt too long")
+    base = {"initial": [{"text": " and so on.", "error": ""} for _ in rows]}
+    points, versus, judged, _ = eval_stage._judge(wrun, cfg, rows, gens, base, ["quality"], ["safety"], 0)
+    assert [x is None for x in points["safety"]] == [False, True, False, False]
+    assert [x is None for x in versus["initial"]["quality"]] == [False, True, False, False]
+    gt = eval_stage.ground_truth(OracleJudge(cfg.judge.world), rows, gens)
+    assert [x is None for x in gt["gt_claims"]] == [False, True, False, False]
+
+
 def test_eval_records_the_judges_signal_and_warns(wrun, monkeypatch):
     from sipt import judging
     from sipt.engines import Generation
@@ -360,22 +379,6 @@ def test_eval_records_the_judges_signal_and_warns(wrun, monkeypatch):
     assert "the same winner in both orders in 0 of 24 comparisons" in judged["judge_warning"]
 
 
-def test_failed_generations_are_left_out_of_every_measure(wrun):
-    # A generation the engine could not make (Generation.error) is neither judged nor counted.
-    from sipt.engines import Generation
-
-    cfg = config_mod.resolve(wrun, overrides=EVAL)
-    rows = eval_stage.eval_samples(wrun, cfg)[:4]
-    gens = [Generation([7], r["suffix_text"], -1.0, "length") for r in rows]
-    gens[1] = Generation([], "", None, "error", error="HTTP 400: prompt too long")
-    base = {"initial": [{"text": " and so on.", "error": ""} for _ in rows]}
-    points, versus, judged, _ = eval_stage._judge(wrun, cfg, rows, gens, base, ["quality"], ["safety"], 0)
-    assert [x is None for x in points["safety"]] == [False, True, False, False]
-    assert [x is None for x in versus["initial"]["quality"]] == [False, True, False, False]
-    gt = eval_stage.ground_truth(OracleJudge(cfg.judge.world), rows, gens)
-    assert [x is None for x in gt["gt_claims"]] == [False, True, False, False]
-
-
 def test_eval_baseline_cache_is_reused_by_a_moved_run(world_run, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -398,3 +401,22 @@ def test_eval_baseline_cache_is_reused_by_a_moved_run(world_run, tmp_path, monke
     assert len(made) == 1  # the moved run read its cache instead of generating again
     eval_stage.cached_generations(b, b / "iter-000" / "policy", rows, cfg, 8)  # other settings: generated
     assert len(made) == 2
+
+
+@pytest.mark.slow
+def test_eval_fails_when_the_judge_gives_no_readable_verdict(wrun, tmp_path):
+    # The untrained tiny policy as a generating judge writes no "Conclusion: Option N": every call
+    # is invalid, so eval refuses to report win rates over nothing (and writes nothing) ...
+    sets = {**EVAL, "eval.prompts": 3, "eval.judge_seeds": 1, "eval.objectives": ["quality"],
+            "eval.at_risk_prompts": 0, "judge.engine": "hf", "judge.model": str(wrun / "iter-000" / "policy"),
+            "judge.mode": "generate", "judge.chat": False, "judge.max_new_tokens": 8, "judge.parse_retries": 0,
+            "eval.baselines": [str(other_model(wrun, tmp_path / "other"))]}
+    cfg = config_mod.resolve(wrun, overrides=sets)
+    with pytest.raises(SiptError, match=r"eval iter 0: 6 of 6 judge calls \(100.0%\) gave no readable verdict"):
+        eval_stage.run(wrun, cfg, 0, show_progress=False)
+    assert not (wrun / "iter-000" / "eval").exists()
+    # ... unless told to accept them: then they are counted beside the win rate, which has no value
+    cfg = config_mod.resolve(wrun, overrides={**sets, "eval.max_invalid_share": 1.0})
+    s = eval_stage.run(wrun, cfg, 0, show_progress=False)["stats"]
+    assert s["judge_invalid"] == 6 and s["versus"][s["baseline"]]["judge_invalid"] == 6
+    assert s["quality_win_rate"] is None and s["versus"][s["baseline"]]["quality_win_rate"] is None

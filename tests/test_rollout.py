@@ -143,16 +143,12 @@ def test_killed_rollout_resumes_to_the_same_rows(sharded, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(run, clean)
     cmd = [sys.executable, "-m", "sipt.cli", "rollout", "--run", str(run), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a deterministic kill: the stage SIGKILLs itself right after writing its second part
+    env = {**os.environ, "SIPT_KILL_AFTER_PARTS": "iter-000/rollout:2"}
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     tmp = run / "iter-000" / ".rollout.tmp"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(tmp.glob("part-*.parquet"))) < 2:
-        assert proc.poll() is None
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = len(list(tmp.glob("part-*.parquet")))
-    assert 2 <= kept < 12
+    assert len(list(tmp.glob("part-*.parquet"))) == 2 and not (run / "iter-000" / "rollout").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     subprocess.run([*cmd[:5], str(clean), "--no-progress"], check=True, capture_output=True)
     a = artifacts.read_table(run / "iter-000" / "rollout")
