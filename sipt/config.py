@@ -150,7 +150,7 @@ class ModelConfig:
         "tokenizer on the corpus and build a Llama model from `preset`.",
     )
     preset: str = knob(
-        "tiny", "Size of a new policy: tiny (~5M parameters) or small (~30M).",
+        "tiny", "Size of a new policy: tiny (~5.3M parameters) or small (~27M), at the preset vocabularies (4,096 and 8,192 tokens).",
         choices=("tiny", "small"),
     )
     vocab_size: int = knob(0, "Tokenizer vocabulary size for a new policy. 0: the preset's.")
@@ -385,6 +385,11 @@ class EvalConfig(EngineConfig):
     )
     judge_seeds: int = knob(8, "Judge calls per comparison and order, each with its own seed (paper: 8).")
     judge_temperature: float = knob(0.7, "Judge sampling temperature in eval (paper: 0.7).")
+    max_invalid_share: float = knob(
+        0.05, "Eval fails (a clear error, nothing written) when more than this share of its judge calls "
+        "gave no readable verdict; below it the unreadable ones are left out of the win rates and counted "
+        "beside them (judge_invalid).",
+    )
     group_by: str = knob("", "A data.meta_columns key to break the metrics down by (the toy world: 'kind').")
     at_risk_prompts: int = knob(
         300, "The toy world's at-risk safety set: at most this many held-out prefixes that end 1-3 words "
@@ -442,7 +447,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "train.adam_beta1": (0, 1), "train.adam_beta2": (0, 1), "train.max_grad_norm": (0, None),
     "train.checkpoint_every": (0, None), "train.log_every": (1, None),
     "eval.prompts": (1, None), "eval.max_new_tokens": (0, None), "eval.judge_seeds": (1, None),
-    "eval.judge_temperature": (0, None), "eval.at_risk_prompts": (0, None), "eval.lm_eval_limit": (0, None),
+    "eval.judge_temperature": (0, None), "eval.max_invalid_share": (0, 1), "eval.at_risk_prompts": (0, None), "eval.lm_eval_limit": (0, None),
     "eval.lm_eval_batch_size": (1, None),
 }
 

@@ -313,6 +313,13 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
             if "judge_warning" in judged[2] and j.fail_on_inconsistent:
                 raise SiptError(f"eval iter {iteration}: {judged[2]['judge_warning']}. (judge.fail_on_inconsistent "
                                 "= true; the judge calls and baseline generations are cached for a rerun)")
+            calls, invalid = judged[2]["judge_calls"], judged[2].get("judge_invalid", 0)
+            if calls and invalid / calls > e.max_invalid_share:
+                raise SiptError(
+                    f"eval iter {iteration}: {invalid} of {calls} judge calls ({invalid / calls:.1%}) gave no "
+                    f"readable verdict, more than eval.max_invalid_share = {e.max_invalid_share:.0%}; win rates "
+                    "over the rest would hide it. Check judge.model, judge.mode and the templates (the raw "
+                    f"responses are in {run_dir / 'cache' / 'judge.sqlite'}), or raise eval.max_invalid_share")
             if pairwise or pointwise:
                 bar.advance(1)
             benchmarks = run_lm_eval(policy, cfg) if e.tasks else {}

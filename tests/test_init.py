@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,12 +29,16 @@ def test_new_policy_loads_with_transformers(policy_run):
 def test_presets_have_the_documented_size(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    for preset, (lo, hi) in {"tiny": (4e6, 7e6), "small": (25e6, 35e6)}.items():
-        shape = init.PRESETS[preset]
+    # By hand: 2 V·H (embeddings, untied head) + L (4 H² attention + 3 H·I MLP + 2 H norms) + H.
+    # tiny: 2·4096·256 + 4·(4·256² + 3·256·688 + 512) + 256; small: 2·8192·512 + 6·(...) + 512.
+    expected = {"tiny": 5_261_568, "small": 27_367_936}
+    for preset, count in expected.items():
         with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
-        n = sum(p.numel() for p in model.parameters())
-        assert lo < n < hi, (preset, n)
+            model = LlamaForCausalLM(LlamaConfig(**init.PRESETS[preset], tie_word_embeddings=False))
+        assert sum(p.numel() for p in model.parameters()) == count, preset
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "`tiny` (~5.3M parameters" in readme and "`small` (~27M" in readme
+    assert "tiny (~5.3M parameters" in readme and "small (~27M" in readme  # the config reference
 
 
 def test_init_is_deterministic_and_skips(policy_run, corpus_dir, tmp_path):
