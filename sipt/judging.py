@@ -196,11 +196,12 @@ class OracleBackend:
     mode = "generate"
 
     def __init__(self, kb_path: Path, noise: float = 0.0):
-        from sipt.artifacts import files_fingerprint
+        from sipt.artifacts import content_fingerprint
         from sipt.oracle import ORACLE_VERSION, OracleJudge
 
         self.base = OracleJudge(kb_path, noise=noise, seed=0)
-        self.model = f"oracle-v{ORACLE_VERSION}:{files_fingerprint([Path(kb_path)])}:noise={noise}"
+        # keyed by the knowledge base's bytes: a copied or moved run (and its world) reuses its cache
+        self.model = f"oracle-v{ORACLE_VERSION}:{content_fingerprint(Path(kb_path))}:noise={noise}"
         self._by_seed: dict[int, object] = {}
 
     def identity(self, c: Call) -> tuple[str, dict]:
@@ -724,10 +725,9 @@ def make_backend(run_dir: Path, j, temperature: float | None = None):
 
     templates = {o: load_template(o, j.templates.get(o, "")) for o in OBJECTIVES}
     engine = make_engine(j)
-    model_id = j.model  # in the cache key: a folder by its files (size, mtime), a server by its address
+    model_id = j.model  # in the cache key: a folder by its files' contents (wherever it is), a server by its address
     if Path(j.model, "config.json").exists():
-        files = [p for p in Path(j.model).iterdir() if p.is_file()]
-        model_id = f"{Path(j.model).resolve()}@{artifacts.files_fingerprint(files)}"
+        model_id = f"folder@{artifacts.content_fingerprint(Path(j.model))}"
     elif j.engine == "openai":
         model_id = f"{j.base_url}|{j.model}"
     return EngineBackend(engine, model_id, templates, j.mode, j.chat,

@@ -483,3 +483,19 @@ def test_vllm_and_openai_next_token_logprobs_match_hf(policy_run):
         srv.stop()
     for row, exp in zip(got, expected):
         assert row == pytest.approx(exp, abs=2e-2)
+
+
+def test_a_moved_run_reuses_its_judge_cache(world_run, tmp_path):
+    # The oracle's cache key is its knowledge base's bytes, not the path: a run copied elsewhere with
+    # its world makes no judge call again.
+    a = tmp_path / "a" / "run"
+    shutil.copytree(world_run, a)
+    m = judge.run(a, config_mod.resolve(a, overrides={"judge.world": str(a / "world")}, force=True), 0,
+                  show_progress=False)
+    assert m["stats"]["calls"] > 0 and m["stats"]["cached_calls"] == 0
+    b = tmp_path / "elsewhere" / "run"
+    shutil.copytree(a, b, copy_function=shutil.copy)  # new path, new modification times
+    shutil.rmtree(a)
+    cfg = config_mod.resolve(b, overrides={"judge.world": str(b / "world")}, force=True)
+    again = judge.run(b, cfg, 0, force=True, show_progress=False)["stats"]
+    assert again["cached_calls"] == again["calls"] == m["stats"]["calls"]
