@@ -128,9 +128,10 @@ def test_unknown_engine_is_a_clear_error(sharded, tmp_path):
     run, _ = sharded
     with pytest.raises(SiptError, match="'rollout.engine' = 'tgi' is not one of hf, vllm, openai, oracle"):
         config_mod.resolve(run, overrides={"rollout.engine": "tgi"})
-    cfg = config_mod.resolve(run, overrides={"rollout.engine": "oracle"}, force=True)
-    with pytest.raises(SiptError, match="oracle only judges and rewrites"):
-        rollout.run(run, cfg, 0, show_progress=False)
+    frozen = (run / "sipt.toml").read_bytes()
+    with pytest.raises(SiptError, match="oracle only judges and rewrites"):  # refused before it is frozen
+        config_mod.resolve(run, overrides={"rollout.engine": "oracle"}, force=True)
+    assert (run / "sipt.toml").read_bytes() == frozen
 
 
 @pytest.mark.slow
