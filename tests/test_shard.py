@@ -17,7 +17,9 @@ from stages import shard
 
 
 def _cfg(run, inputs, **data):
-    overrides = {"data.inputs": [str(p) for p in inputs], "data.suffix_tokens": 16, "data.min_prefix_tokens": 4}
+    # model.vocab_size as the fixture's policy was made: `sipt status` shows it (and so the samples) done
+    overrides = {"data.inputs": [str(p) for p in inputs], "data.suffix_tokens": 16, "data.min_prefix_tokens": 4,
+                 "model.vocab_size": 512}
     overrides.update({f"data.{k}": v for k, v in data.items()})
     return config_mod.resolve(run, overrides=overrides, force=True)
 

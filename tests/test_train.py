@@ -38,7 +38,7 @@ def write_pairs(run, iteration, cfg, rows=None):
                  "rejected_ids": rolls[s["sample_id"]]["token_ids"], "chosen_source": "suffix",
                  "rejected_source": "rollout", "chosen_rollout_idx": -1, "rejected_rollout_idx": 0} for s in samples]
     stage = artifacts.Stage(run_dir=run, name="pair", out=artifacts.stage_dir(run, "pair", iteration),
-                            config_hash="test", config_sections=[], inputs={}, iteration=iteration, force=True)
+                            config_hash=cfg.hash([]), config_sections=[], inputs={}, iteration=iteration, force=True)
     with stage:
         stage.write_part(0, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))
         stage.commit()
@@ -51,7 +51,7 @@ def paired(run_with_policy, corpus_dir):
         "data.inputs": [str(corpus_dir)], "data.suffix_tokens": 12, "data.max_prefix_tokens": 32,
         "run.prompts_per_iter": 16, "run.iterations": 2, "rollout.n": 1, "rollout.prompts_per_part": 16,
         "train.batch_size": 8, "train.micro_batch_size": 4, "train.lr": 1e-3, "train.warmup_steps": 1,
-        "train.epochs": 3, "train.beta": 0.5,
+        "train.epochs": 3, "train.beta": 0.5, "model.vocab_size": 512,  # the fixture policy's: status shows it done
     }, force=True)
     shard.run(run, cfg, show_progress=False)
     rollout.run(run, cfg, 0, show_progress=False)
