@@ -8,6 +8,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 import pytest
 
 from conftest import make_docs, write_jsonl
@@ -54,7 +55,16 @@ def test_shard_jsonl_schema_and_exact_tokens(run_with_policy, corpus_dir):
 
 
 def test_rerun_skips_and_status_reports(run_with_policy, corpus_dir):
-    run = run_with_policy
+    # the session's corpus is rewritten below (same bytes, new mtime): its times are restored after,
+    # or every later test's samples (and what consumed them) would show stale
+    stat = (corpus_dir / "docs.jsonl").stat()
+    try:
+        _rerun_skips_and_status_reports(run_with_policy, corpus_dir)
+    finally:
+        os.utime(corpus_dir / "docs.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _rerun_skips_and_status_reports(run, corpus_dir):
     cfg = _cfg(run, [corpus_dir])
     first = shard.run(run, cfg, show_progress=False)
     again = shard.run(run, cfg, show_progress=False)
