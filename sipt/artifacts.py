@@ -288,6 +288,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _gone(holder: dict) -> bool:
+    """The lock's writer ran on this host and has exited (a lock of another host cannot be checked)."""
+    return holder.get("host") == HOST and not _pid_alive(int(holder.get("pid", 0) or 0))
+
+
 def _who(holder: dict) -> str:
     return (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}: "
             f"`{holder.get('command', '')}`")
@@ -315,11 +320,10 @@ class Lock:
             except BlockingIOError:
                 holder = _read_lock(fd) or {}
                 os.close(fd)
-                gone = holder.get("host") == HOST and not _pid_alive(int(holder.get("pid", 0) or 0))
                 raise SiptError(
                     f"{self.what}: another sipt process is writing it ({_who(holder)})"
                     + ("; that process has exited, but a child of it still holds the lock: stop it"
-                       if gone else "; wait for it to finish, or stop it")
+                       if _gone(holder) else "; wait for it to finish, or stop it")
                 ) from None
             try:  # the holder may have released (and removed) the file between our open and flock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -368,11 +372,7 @@ def lock_holder(run_dir: Path, folder: Path) -> dict | None:
     """Who is writing `folder` now, from its lock file: None when nobody (no lock, or the process
     that left it is gone). A lock of another host is reported as held (it cannot be checked)."""
     holder = _read_lock(lock_path(run_dir, folder))
-    if holder is None:
-        return None
-    if holder.get("host") == HOST and not _pid_alive(int(holder.get("pid", 0) or 0)):
-        return None
-    return holder
+    return None if holder is None or _gone(holder) else holder
 
 
 @dataclass
@@ -591,9 +591,12 @@ def run_status(run_dir: Path, cfg_hash_fn=None, cfg=None) -> list[dict]:
     """
     run_dir = Path(run_dir)
     rows = []
+    done: dict[str, dict] = {}  # path -> manifest of each finished stage, as state_of read it
 
     def add(stage: str, iteration: int | None, folder: Path) -> None:
         state, info = state_of(run_dir, folder, cfg_hash_fn)
+        if state == "done":
+            done[str(folder.relative_to(run_dir))] = info
         tmp = folder.parent / f".{folder.name}.tmp"
         parts_at = tmp if tmp.exists() else folder
         rows.append(
@@ -623,19 +626,19 @@ def run_status(run_dir: Path, cfg_hash_fn=None, cfg=None) -> list[dict]:
             folder = stage_dir(run_dir, stage, i)
             if expected(stage, i) or folder.exists() or (folder.parent / f".{folder.name}.tmp").exists():
                 add(stage, i, folder)
-    _pass_staleness_down(run_dir, rows)
+    _pass_staleness_down(rows, done)
     return rows
 
 
-def _pass_staleness_down(run_dir: Path, rows: list[dict]) -> None:
+def _pass_staleness_down(rows: list[dict], done: dict[str, dict]) -> None:
     """Mark stale every finished row that consumed a stale one (rows are in dependency order: a stage's
-    inputs are earlier rows), so a stale rollout of iteration k shows its judge, pair, train... stale."""
+    inputs are earlier rows), so a stale rollout of iteration k shows its judge, pair, train... stale.
+    `done`: the manifests of the finished rows, by path."""
     by_path = {r["path"]: r for r in rows}
     for r in rows:
         if r["state"] != "done":
             continue
-        manifest = read_manifest(Path(run_dir) / r["path"]) or {}
-        for key, entry in manifest.get("inputs", {}).items():
+        for key, entry in done[r["path"]].get("inputs", {}).items():
             upstream = by_path.get(entry.get("ref", ""))
             if upstream is not None and upstream["state"] == "stale":
                 r["state"], r["detail"] = "stale", f"input '{key}' ({upstream['path']}) is stale"
