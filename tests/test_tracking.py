@@ -16,7 +16,7 @@ from sipt import artifacts, config as config_mod, loop, tracking
 from sipt.errors import SiptError
 from stages import eval as eval_stage
 from stages import train
-from test_train import paired  # noqa: F401 - the fixture
+from test_train import crash_train_in_step_4, paired  # noqa: F401 - paired: the fixture
 
 LOOP = {"eval.prompts": 8, "eval.judge_seeds": 1, "train.batch_size": 4, "train.micro_batch_size": 4,
         "train.lr": 1e-3, "train.warmup_steps": 1, "judge.candidates": ["suffix", "rewrite", "rollouts"],
@@ -99,18 +99,7 @@ def test_resumed_train_continues_its_curves_without_duplicates(paired, monkeypat
     run, _ = paired
     cfg = config_mod.resolve(run, overrides={"train.checkpoint_every": 2, "train.epochs": 2,
                                              "run.report_to": ["tensorboard", "mlflow"]}, force=True)
-    calls = {"n": 0}
-    real_loss = train._loss
-
-    def crash_in_step_4(*args, **kwargs):  # 2 micro-batches a step: the 7th call is step 4's
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("killed")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_loss", crash_in_step_4)
-    with pytest.raises(RuntimeError, match="killed"):
-        train.run(run, cfg, 0, show_progress=False)
+    real_loss = crash_train_in_step_4(run, cfg, monkeypatch)
     tracking.tracker(run).flush()
     assert [s for s, _ in read_events(run / "logs" / "train")["train/loss"]] == [1, 2, 3]
     monkeypatch.setattr(train, "_loss", real_loss)

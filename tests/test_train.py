@@ -188,9 +188,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(paired):
     assert {r["stage"]: r["state"] for r in artifacts.run_status(run) if r["iteration"] == 0}["train"] == "failed"
 
 
-def test_resumed_train_logs_every_step_once(paired, monkeypatch):
-    run, cfg = paired
-    cfg = config_mod.resolve(run, overrides={"train.checkpoint_every": 2, "train.epochs": 2}, force=True)
+def crash_train_in_step_4(run, cfg, monkeypatch):
+    """Run iteration 0's train until it raises in optimizer step 4 (after the checkpoint at step 2,
+    with checkpoint_every = 2 and 2 micro-batches a step); returns the real `train._loss`."""
     calls = {"n": 0}
     real_loss = train._loss
 
@@ -203,6 +203,13 @@ def test_resumed_train_logs_every_step_once(paired, monkeypatch):
     monkeypatch.setattr(train, "_loss", crash_in_step_4)
     with pytest.raises(RuntimeError, match="killed"):
         train.run(run, cfg, 0, show_progress=False)
+    return real_loss
+
+
+def test_resumed_train_logs_every_step_once(paired, monkeypatch):
+    run, cfg = paired
+    cfg = config_mod.resolve(run, overrides={"train.checkpoint_every": 2, "train.epochs": 2}, force=True)
+    real_loss = crash_train_in_step_4(run, cfg, monkeypatch)
     log = run / "iter-000" / ".train.tmp" / "log.jsonl"
     assert [json.loads(l)["iter_step"] for l in log.read_text().splitlines()] == [1, 2, 3]  # checkpoint: step 2
     with log.open("a") as fh:
