@@ -103,12 +103,12 @@ def tracker(run_dir: Path) -> "Tracker | None":
     key = Path(run_dir).resolve()
     if key not in _trackers:
         if key not in _configured:  # a stage run without `config.resolve`: the run's frozen config
-            frozen = key / "sipt.toml"
+            from sipt import config as config_mod
+
+            frozen = key / config_mod.FROZEN
             report_to = ["auto"]
             if frozen.exists():
-                import tomllib
-
-                report_to = tomllib.loads(frozen.read_text()).get("run", {}).get("report_to", ["auto"])
+                report_to = config_mod.load_toml(frozen).get("run", {}).get("report_to", ["auto"])
             _configured[key] = (backends(report_to, str(frozen)), {})
         names, config = _configured[key]
         if not names:
@@ -120,11 +120,13 @@ def tracker(run_dir: Path) -> "Tracker | None":
 def step_of(run_dir: Path, iteration: int | None) -> int:
     """The optimizer step that made iteration `iteration`'s policy: the global step of the last
     finished train before it (0 when there is none)."""
+    from sipt import artifacts
+
     for i in range((iteration or 0) - 1, -1, -1):
-        path = Path(run_dir) / f"iter-{i:03d}" / "train" / "_SUCCESS.json"
-        if path.exists():
+        manifest = artifacts.read_manifest(artifacts.stage_dir(run_dir, "train", i))
+        if manifest is not None:
             try:
-                return int(json.loads(path.read_text())["stats"]["global_step"])
+                return int(manifest["stats"]["global_step"])
             except (ValueError, KeyError, TypeError):
                 continue
     return 0
