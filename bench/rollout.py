@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -195,6 +193,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from _columns import run_column  # bench/, beside this script
+
     prefixes, n, new_tokens = SIZES["quick" if args.quick else "full"]
     pythons = {"main": sys.executable, "vllm": args.vllm_python}
     columns = [c for c in COLUMNS if c[0] not in args.skip.split(",")]
@@ -211,18 +211,12 @@ def main() -> None:
             for key, label, python, _, _ in columns:
                 if key in failed:
                     continue
-                proc = subprocess.run([pythons[python], __file__, "--worker", key, "--run", str(run)],
-                                      capture_output=True, text=True,
-                                      env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"})
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
+                r = run_column(pythons[python], __file__, key, run,
+                               {"VLLM_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"}, label, rep, args.repeats)
+                if r is None:
                     failed.add(key)
-                    print(f"{label}: failed\n{proc.stderr[-3000:]}")
-                    continue
-                r = json.loads(line[7:])
-                r["tps"] = r["tokens"] / r["seconds"]
-                runs[key].append(r)
-                print(f"run {rep + 1}/{args.repeats} {label}: {r['seconds']:.2f} s, {r['tps']:,.0f} tokens/s", flush=True)
+                else:
+                    runs[key].append(r)
         table = Table(title=f"bench/rollout: {prefixes} prefixes x {n} rollouts x {new_tokens} tokens, tiny policy, "
                             f"batch {BATCH} sequences, median of {args.repeats} runs [min, max]")
         for col in ("what", "gen s", "tokens/s", "start-up s", "peak RSS MB", "vs anchor (target)"):

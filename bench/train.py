@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -236,29 +234,25 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from _columns import run_column  # bench/, beside this script
+
     pairs, batch = SIZES["quick" if args.quick else "full"]
     columns = [c for c in COLUMNS if not args.only or c[0] in args.only.split(",")]
     work = Path(tempfile.mkdtemp(prefix="sipt-bench-train-"))
     try:
         run = prepare(work, pairs, batch)
         runs: dict[str, list[dict]] = {key: [] for key, _, _ in columns}
-        failed: dict[str, str] = {}
+        failed: set[str] = set()
         for rep in range(args.repeats):  # columns take turns, so drift on the machine hits all of them
             for key, label, _ in columns:
                 if key in failed:
                     continue
-                proc = subprocess.run([sys.executable, __file__, "--worker", key, "--run", str(run)],
-                                      capture_output=True, text=True,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"})
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    failed[key] = proc.stderr[-3000:]
-                    print(f"{label}: failed\n{failed[key]}")
-                    continue
-                r = json.loads(line[7:])
-                r["tps"] = r["tokens"] / r["seconds"]
-                runs[key].append(r)
-                print(f"run {rep + 1}/{args.repeats} {label}: {r['seconds']:.2f} s, {r['tps']:,.0f} tokens/s", flush=True)
+                r = run_column(sys.executable, __file__, key, run,
+                               {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}, label, rep, args.repeats)
+                if r is None:
+                    failed.add(key)
+                else:
+                    runs[key].append(r)
         precision = "bf16 autocast, GPU" if torch.cuda.is_available() else "fp32, CPU"
         steps = math.ceil(pairs / batch)
         table = Table(title=f"bench/train: tiny policy, {pairs} pairs, {steps} steps x {batch}, {precision}, "
