@@ -1,4 +1,7 @@
-"""The toy world's exact judge and rewriter: read claims back with the templates, check them in the KB.
+"""The toy world's exact judge: read claims back with the templates, check them in the KB.
+
+The templates are read by sipt/grammar.py; the rewriter, which corrects what this judge finds, is
+sipt/rewriter.py (importable from here too).
 
 The judge sees what an LLM judge sees, a prefix and one or two candidate continuations, and answers
 the paper's four questions (PAPER.md §6): factuality (pointwise, 1 / 0.5 / 0), safety (pointwise,
@@ -53,157 +56,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import regex
 
-from sipt.world import ENTITY_TYPES, PRONOUN_WORDS, KnowledgeBase, load_kb, realize
+from sipt.grammar import (
+    _WORD, NAME, Analysis, Claim, Grammar, Pattern, Unit, _fix_value, _segments, _subject_text)
+from sipt.kb import ENTITY_TYPES, PRONOUN_WORDS, KnowledgeBase, load_kb
+from sipt.rewriter import OracleRewriter  # noqa: F401 (re-exported: it lived here)
 
-NAME = r"[A-Z][a-z]+(?: [A-Z][a-z]+)*"
-_SUBJECT = rf"(?P<S>she|he|it|{NAME})"
-_POSSESSIVE = rf"(?P<P>her|his|its|Her|His|Its|{NAME}'s)"
-_VALUE = {"year": r"[0-9]+", "vocab": r"[a-z]+(?: [a-z]+)*", "name": NAME}
 _GENDER_OF = {"she": "f", "her": "f", "he": "m", "his": "m", "it": "n", "its": "n"}
-_SENTENCE_END = regex.compile(r"[.!?](?=\s|$)")
-_WORD = regex.compile(r"[A-Za-z]+")
 
 ORACLE_VERSION = 2  # bump when a verdict rule changes (module docstring)
 
 LABELS = {1.0: "No Hallucination", 0.5: "Possible Hallucination", 0.0: "Definite Hallucination"}
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """One sentence shape of the language, compiled."""
-
-    kind: str  # "claim" | "neutral" | "unsafe"
-    template: str
-    relation: str | None = None
-    safe: str | None = None  # an unsafe pattern's safe counterpart
-    regex: Any = None
-    words: frozenset = frozenset()  # literal words that must occur (a cheap pre-filter)
-    post: str = ""  # claim templates: literal text after {O}; "" when a slot follows it
-
-
-class Grammar:
-    """The language's templates as regular expressions: full, partial and tail matches."""
-
-    def __init__(self, language: dict):
-        self.patterns: list[Pattern] = []
-        for relation, spec in language["relations"].items():
-            value = _VALUE["year"] if spec["object"] == "year" else (
-                _VALUE["name"] if spec["object"] in ENTITY_TYPES else _VALUE["vocab"])
-            for t in spec["templates"]:
-                self.patterns.append(self._compile("claim", t, value, relation=relation))
-        for t in language["neutral"]:
-            self.patterns.append(self._compile("neutral", t))
-        for u in language["unsafe"]:
-            self.patterns.append(self._compile("unsafe", u["text"], safe=u["safe"]))
-            self.patterns.append(self._compile("neutral", u["safe"]))
-
-    @staticmethod
-    def _compile(kind: str, template: str, value: str = "", **kw) -> Pattern:
-        out = []
-        for part in regex.split(r"(\{[SPO]\})", template):
-            if part == "{S}":
-                out.append(_SUBJECT)
-            elif part == "{P}":
-                out.append(_POSSESSIVE)
-            elif part == "{O}":
-                out.append(f"(?P<O>{value})")
-            else:
-                out.append(regex.escape(part))
-        literal = regex.sub(r"\{[SPO]\}", " ", template)
-        words = frozenset(w.lower() for w in _WORD.findall(literal))
-        post = template.split("{O}", 1)[1] if "{O}" in template else ""
-        if regex.search(r"\{[SP]\}", post):
-            post = ""
-        return Pattern(kind, template, regex=regex.compile("".join(out)), words=words, post=post, **kw)
-
-    def readings(self, sentence: str) -> list[tuple[Pattern, Any]]:
-        """Every pattern the complete sentence matches, with its match."""
-        present = {w.lower() for w in _WORD.findall(sentence)}
-        out = []
-        for p in self.patterns:
-            if p.words <= present:
-                m = p.regex.fullmatch(sentence)
-                if m:
-                    out.append((p, m))
-        return out
-
-    def partial(self, text: str) -> list[Pattern]:
-        """Patterns that `text` could still grow into (text is a prefix of one of their sentences)."""
-        return [p for p in self.patterns if p.regex.fullmatch(text, partial=True)]
-
-    def tail_readings(self, text: str) -> list[tuple[Pattern, Any, bool]]:
-        """Claim readings of an unfinished sentence: (pattern, match on the completed text, value_ended).
-
-        The text is completed with the rest of the template's literal text after the value;
-        `value_ended` is True when some of that literal text was already there.
-        """
-        out = []
-        for p in self.patterns:
-            if p.kind != "claim" or not p.post:
-                continue
-            for j in range(len(p.post) - 1, -1, -1):
-                if text.endswith(p.post[:j]):
-                    m = p.regex.fullmatch(text + p.post[j:])
-                    if m and m.end("O") <= len(text) - j:
-                        out.append((p, m, j > 0))
-                        break
-        return out
-
-
-@dataclass
-class Claim:
-    relation: str
-    entity: str | None  # the subject's id, None when it cannot be resolved
-    value: Any  # int year | entity id (None for an unknown name) | vocabulary string
-    value_text: str
-    value_span: tuple[int, int]  # in the joined text
-    # "supported" | "contradicted" | "unverifiable" | "inherited" (wrong, but the prefix chose it)
-    status: str
-    about_main: bool
-    reason: str = ""
-
-
-@dataclass
-class Unit:
-    """One sentence of prefix + candidate, or the unfinished tail."""
-
-    start: int
-    end: int
-    text: str
-    role: str  # "prefix" (context only) | "head" (begun in the prefix) | "body"
-    complete: bool
-    kind: str = "garbled"  # "claim" | "neutral" | "unsafe" | "partial" | "garbled"
-    pattern: Pattern | None = None
-    match: Any = None
-    subject: str | None = None  # the subject as written
-    claim: Claim | None = None
-    repeated: bool = False  # same text, same neutral/unsafe template, or an already stated fact
-    restated: bool = False  # a relation of the entity already stated (any value): coherence
-    contradicts: bool = False  # a false value where the text already stated another one
-    loops: int = 0
-    unsafe_partial: bool = False
-    readings: list = field(default_factory=list)
-
-
-@dataclass
-class Analysis:
-    prefix: str
-    candidate: str
-    joined: str
-    boundary: int
-    main: str | None
-    units: list[Unit]
-    unsafe_words: list[str]
-
-    @property
-    def scored(self) -> list[Unit]:
-        return [u for u in self.units if u.role != "prefix"]
 
 
 @dataclass(frozen=True)
@@ -553,107 +421,3 @@ def _quality(an: Analysis) -> tuple[float, int]:
         elif u.kind in ("garbled", "unsafe") or u.unsafe_partial:
             score -= 1
     return score, new_true
-
-
-def _fix_value(kb: KnowledgeBase, u: Unit, c: Claim) -> str:
-    """The unit's text with the claim's value replaced by the true one."""
-    true = kb.value_text(c.relation, kb.facts[(c.entity, c.relation)])
-    return u.text[: c.value_span[0] - u.start] + true + u.text[c.value_span[1] - u.start:]
-
-
-def _subject_text(m: Any) -> str | None:
-    groups = m.groupdict()
-    if groups.get("S"):
-        return groups["S"]
-    if groups.get("P"):
-        p = groups["P"]
-        return p[:-2] if p.endswith("'s") else p
-    return None
-
-
-def _segments(text: str) -> list[tuple[int, int, bool]]:
-    """(start, end, complete) of each sentence; a last piece without final punctuation is incomplete."""
-    out, pos = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        piece = text[pos:m.end()]
-        start = pos + len(piece) - len(piece.lstrip())
-        if start < m.end():
-            out.append((start, m.end(), True))
-        pos = m.end()
-    rest = text[pos:]
-    if rest.strip():
-        start = pos + len(rest) - len(rest.lstrip())
-        out.append((start, pos + len(rest.rstrip()), False))
-    return out
-
-
-class OracleRewriter:
-    """The paper's rewriter (PAPER.md §5.1) with exact knowledge: copy a good suffix verbatim, correct
-    false values, replace unsafe sentences by their safe counterparts (same subject, same topic).
-
-    Garbled text is left as it is (the paper's rewriter targets safety and factuality). A false value
-    that begins inside the prefix is corrected only when the prefix's part of it stays unchanged.
-    """
-
-    def __init__(self, kb: KnowledgeBase | str | Path, judge: OracleJudge | None = None):
-        self.judge = judge or OracleJudge(kb)
-        self.kb = self.judge.kb
-
-    def rewrite(self, prefix: str, suffix: str) -> str:
-        an = self.judge.analyse(prefix, suffix)
-        b, joined = an.boundary, an.joined
-        edits = []
-        for u in an.scored:
-            new = self._fix(u, an)
-            if new is None or new == u.text:
-                continue
-            if u.start >= b:
-                edits.append((u.start, u.end, new))
-                continue
-            head = joined[u.start:b]
-            if new.startswith(head):
-                edits.append((b, u.end, new[len(head):]))
-            elif u.kind == "unsafe" or u.unsafe_partial or self._has_unsafe_words(u.text):
-                # The prefix holds part of the sentence in other letters (a pronoun's case): continue
-                # with the safe sentence after the prefix's words when they are its first words; when
-                # the prefix already took an unsafe turn no safe sentence continues, so the sentence
-                # is just ended.
-                said, words = head.split(), new.split()
-                if [w.lower() for w in words[: len(said)]] == [w.lower() for w in said] and (
-                        head.endswith(" ") or not said or words[len(said) - 1] == said[-1]):
-                    rest = " ".join(words[len(said):])
-                    edits.append((b, u.end, ("" if head.endswith(" ") or not rest else " ") + rest))
-                else:
-                    edits.append((b, u.end, "."))
-        out = joined
-        for start, end, text in sorted(edits, reverse=True):
-            out = out[:start] + text + out[end:]
-        return out[b:]
-
-    def _has_unsafe_words(self, text: str) -> bool:
-        return any(w.lower() in self.judge.unsafe_lexicon for w in _WORD.findall(text))
-
-    def _fix(self, u: Unit, an: Analysis) -> str | None:
-        c = u.claim
-        if c and c.status == "contradicted":
-            return _fix_value(self.kb, u, c)
-        if u.kind == "unsafe":
-            return realize(u.pattern.safe, u.subject, None, self._pronoun(an))
-        if u.unsafe_partial or (u.kind in ("garbled", "partial") and self._has_unsafe_words(u.text)):
-            safe = self._safe_template(u.text)
-            text = realize(safe, None, None, self._pronoun(an))
-            if not u.complete:
-                text = " ".join(text.rstrip(".").split()[: len(u.text.split())])
-            return text
-        return None
-
-    def _safe_template(self, text: str) -> str:
-        for p in self.judge.grammar.partial(text):
-            if p.kind == "unsafe":
-                return p.safe
-        return next(t for t in self.kb.language["neutral"] if "{S}" in t or "{P}" not in t)
-
-    def _pronoun(self, an: Analysis) -> dict:
-        if an.main is None:
-            return self.kb.language["pronouns"]["n"]
-        return self.kb.pronouns(an.main)
