@@ -21,8 +21,13 @@ import math
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from sipt import artifacts
+from sipt import artifacts, replicate
+from sipt.charts import (  # noqa: F401 (PANELS, TRAIN_PANELS and the charts: re-exported)
+    PANELS, TRAIN_PANELS, reward_chart, rollout_chosen_chart, training_chart, write_charts)
+from sipt.charts import metrics_chart as draw_metrics_chart
+from sipt.charts import wilson_interval as _wilson
 from sipt.errors import SiptError
+from sipt.replicate import names_run as _names_run
 
 MISSING = "–"
 
@@ -158,14 +163,6 @@ def _normal_ci(values: list[float]) -> tuple[float, float] | None:
     return mean - 1.96 * se, mean + 1.96 * se
 
 
-def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a proportion p out of n (the rollout-chosen rate over n pairs)."""
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def per_prompt_rows(run_dir: Path, iteration: int, family: str = "generations") -> list[dict] | None:
     """The eval stage's per-prompt rows of one iteration (`generations-*`: the held-out prompts;
     `at_risk-*`: the at-risk safety set), or None where there are none."""
@@ -257,14 +254,6 @@ def paired(rows_a: list[dict], rows_b: list[dict], metric: Paired) -> dict:
     return out
 
 
-def _names_run(entry: str, run: Path) -> bool:
-    """Whether an eval.baselines entry is the run folder `run` (as given, or its last two parts)."""
-    if entry == "initial":
-        return False
-    p = Path(entry)
-    return p.resolve() == Path(run).resolve() or (len(p.parts) >= 2 and p.parts[-2:] == Path(run).parts[-2:])
-
-
 def _versus(summary: dict, b: dict | None) -> tuple[str | None, dict]:
     """The summary's versus entry against run `b` (None: against the initial policy)."""
     versus = summary.get("versus") or {}
@@ -352,227 +341,21 @@ def _pairs_lines(pairs: dict) -> list[str]:
     return lines
 
 
-# -- charts --------------------------------------------------------------------------------------
-
-# (summary key, panel title, y label, kind): the per-iteration panels; pct panels share a 0-100 axis.
-PANELS = [
-    ("quality_win_rate", "Generation quality", "win rate vs baseline (%)", "pct"),
-    ("coherence_win_rate", "Coherence", "win rate vs baseline (%)", "pct"),
-    ("claim_precision", "Claim precision", "true claims / all claims (%)", "pct"),
-    ("true_claims_per_generation", "True claims per generation", "true claims per generation", "num"),
-    ("repeat_share", "Repetition", "generations that repeat a sentence (%)", "pct"),
-    ("at_risk_unsafe_rate", "Unsafe continuations (at-risk prompts)", "unsafe (%)", "pct"),
-]
+# -- charts (sipt.charts draws them) -------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _errorbars(ax, xs, ys, cis, **kw):
-    """A line with asymmetric error bars; a point without an interval gets none."""
-    cis = [c if c and None not in c else None for c in cis]
-    lo = [y - c[0] if c else 0.0 for y, c in zip(ys, cis)]
-    hi = [c[1] - y if c else 0.0 for y, c in zip(ys, cis)]
-    return ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, **kw)
-
-
-def _finish(ax, title: str, ylabel: str, kind: str, its: list[int], empty: bool = False) -> None:
-    """Title, labels, a fixed 0-100 axis for rates (0-based for counts), the iterations `its` on x."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
-    if kind == "pct":
-        ax.set_ylim(0, 100)
-    elif kind == "num":
-        ax.set_ylim(bottom=0)
-    if its:
-        ax.set_xlim(min(its) - 0.5, max(its) + 0.5)
-        if max(its) - min(its) <= 16:
-            ax.set_xticks(range(min(its), max(its) + 1))
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if empty:
-        ax.text(0.5, 0.5, f"{MISSING} (not measured)", transform=ax.transAxes, ha="center", va="center", color="grey")
+def _point(summary: dict, key: str) -> tuple[object, list | None]:
+    """A metrics chart's point: the summary's value and interval, read as the main table reads them."""
+    return value(summary, Column(key, key))
 
 
 def metrics_chart(runs: list[dict], out: Path) -> dict:
-    """metrics.png: one panel per PANELS entry, a line per run with 95% interval bars."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
-    its = sorted({i for d in runs for i in d["evals"]})
-    drawn = {}
-    for ax, (key, title, ylabel, kind) in zip(axes.flat, PANELS):
-        names = []
-        for k, d in enumerate(runs):
-            dodge = 0.06 * (k - (len(runs) - 1) / 2)  # runs side by side, so their bars do not hide each other
-            pts = [(i + dodge, *value(s, Column(key, title))) for i, s in sorted(d["evals"].items())
-                   if s.get(key) is not None]
-            if pts:
-                _errorbars(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
-                           label=d["name"], color=f"C{k}")
-                names.append(d["name"])
-        if key.endswith("win_rate"):
-            ax.axhline(50, ls=":", color="grey", lw=1)
-        _finish(ax, title, ylabel, kind, its, not names)
-        drawn[title] = names
-    handles = [plt.Line2D([], [], color=f"C{k}", marker="o", label=d["name"]) for k, d in enumerate(runs)]
-    fig.legend(handles=handles, loc="upper center", ncol=len(runs), frameon=False)
-    fig.text(0.5, 0.005, "bars: 95% bootstrap intervals over prompts (1 seed); win rates: ties count half, "
-             "dotted line = tie", ha="center", fontsize=8, color="grey")
-    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
-    fig.savefig(out / "metrics.png", dpi=100)
-    plt.close(fig)
-    return {"file": "metrics.png", "panels": drawn}
-
-
-# (objective, log key, panel title, y label, kind): the training panels, never two objectives on one axis.
-TRAIN_PANELS = [
-    ("dpo", "loss", "DPO loss", "−log σ(margin), per pair", "num"),
-    ("dpo", "margin", "DPO reward margin", "β·(chosen − rejected log-ratio)", "signed"),
-    ("dpo", "acc", "DPO pair accuracy", "pairs with chosen > rejected (%)", "pct"),
-    ("rf-nll", "loss", "RF-NLL loss", "NLL of the chosen suffix (nats / token)", "num"),
-    ("ntp", "loss", "NTP cross-entropy", "cross-entropy (nats / token)", "num"),
-]
-
-
-def _smooth(ys: list[float]) -> list[float]:
-    """A centred moving average over about 1/30 of the steps (the raw per-step values are noisy)."""
-    w = max(1, len(ys) // 30)
-    return [sum(ys[max(0, k - w): k + w + 1]) / len(ys[max(0, k - w): k + w + 1]) for k in range(len(ys))]
-
-
-def training_chart(runs: list[dict], out: Path) -> dict | None:
-    """train_loss.png: one panel per (objective, quantity) present, x = global optimizer step, dashed
-    lines where an iteration begins. Returns what each panel shows (file, panels: title, y label,
-    runs) or None without training logs."""
-    panels = []
-    for objective, key, title, ylabel, kind in TRAIN_PANELS:
-        series = []
-        for k, d in enumerate(runs):
-            recs = [r for r in d["train"] if r.get("objective") == objective and r.get(key) is not None]
-            if recs:
-                series.append((k, d, recs))
-        if series:
-            panels.append({"title": title, "ylabel": ylabel, "kind": kind, "key": key, "series": series})
-    if not panels:
-        return None
-    plt = _pyplot()
-    cols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
-    boundaries = {}
-    for ax, p in zip(axes.flat, panels):
-        for k, d, recs in p["series"]:
-            xs = [r["step"] for r in recs]
-            ys = [r[p["key"]] * (100 if p["kind"] == "pct" else 1) for r in recs]
-            ax.plot(xs, ys, color=f"C{k}", alpha=0.3 if len(ys) > 60 else 1, lw=1)
-            if len(ys) > 60:
-                ax.plot(xs, _smooth(ys), color=f"C{k}", lw=1.8)
-            starts = {}
-            for r in recs:
-                starts.setdefault(r["iteration"], r["step"])
-            boundaries[d["name"]] = sorted(starts.values())
-            for it, s in sorted(starts.items())[1:]:
-                ax.axvline(s - 0.5, ls="--", color=f"C{k}", alpha=0.5, lw=0.8)
-            for it, s in sorted(starts.items()):
-                ax.annotate(f"i{it}", (s, 1), xycoords=("data", "axes fraction"), fontsize=7, color="grey",
-                            va="top", xytext=(2, -2), textcoords="offset points")
-        if p["kind"] == "pct":
-            ax.set_ylim(0, 100)
-        elif p["kind"] == "signed":
-            ax.axhline(0, color="grey", lw=0.8)
-        if p["title"] == "DPO loss":  # the loss of a policy that prefers neither candidate
-            ax.axhline(math.log(2), ls=":", color="grey", lw=1)
-            ax.annotate("ln 2", (1, math.log(2)), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
-                        ha="right", va="bottom")
-        ax.set_title(p["title"] + " (" + ", ".join(d["name"] for _, d, _ in p["series"]) + ")", fontsize=10)
-        ax.set_xlabel("optimizer step (global)")
-        ax.set_ylabel(p["ylabel"])
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.text(0.5, 0.005, "dashed: an iteration begins (iN); bold: moving average where steps are many",
-             ha="center", fontsize=8, color="grey")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out / "train_loss.png", dpi=100)
-    plt.close(fig)
-    return {"file": "train_loss.png", "boundaries": boundaries,
-            "panels": [{"title": p["title"], "ylabel": p["ylabel"], "runs": [d["name"] for _, d, _ in p["series"]]}
-                       for p in panels]}
-
-
-def rollout_chosen_chart(runs: list[dict], out: Path) -> dict | None:
-    """rollout_chosen.png (PAPER Fig. 8): the share of pairs whose chosen candidate is a rollout, per
-    iteration, with 95% Wilson intervals; an iteration whose rate is missing is marked "–", not 0."""
-    with_pairs = [(k, d) for k, d in enumerate(runs) if d["pairs"]]
-    if not with_pairs:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    its = sorted({i for _, d in with_pairs for i in d["pairs"]})
-    missing = {}
-    for k, d in with_pairs:
-        pts = [(i, 100 * p["rollout_chosen_rate"], [100 * x for x in _wilson(p["rollout_chosen_rate"], p["pairs"])]
-                if p.get("pairs") else None)
-               for i, p in sorted(d["pairs"].items()) if p.get("rollout_chosen_rate") is not None]
-        if pts:
-            _errorbars(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
-                       label=d["name"], color=f"C{k}")
-        missing[d["name"]] = [i for i, p in sorted(d["pairs"].items()) if p.get("rollout_chosen_rate") is None]
-        for i in missing[d["name"]]:
-            ax.annotate(f"{MISSING}\nno rate", (i, 3), ha="center", va="bottom", color=f"C{k}", fontsize=9)
-    _finish(ax, "Rollout chosen as the best candidate (PAPER Fig. 8)", "pairs whose chosen is a rollout (%)",
-            "pct", its)
-    ax.legend(fontsize=8)
-    ax.text(0.99, 0.98, f"bars: 95% Wilson intervals; {MISSING}: no rate", transform=ax.transAxes,
-            ha="right", va="top", fontsize=7, color="grey")
-    fig.tight_layout()
-    fig.savefig(out / "rollout_chosen.png", dpi=100)
-    plt.close(fig)
-    return {"file": "rollout_chosen.png", "missing": missing}
-
-
-def reward_chart(d: dict, out: Path) -> dict | None:
-    """reward_by_source.png: the judge's mean reward per candidate source and iteration (± 1.96 SE)."""
-    if not d["rewards"]:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sources = sorted({s for r in d["rewards"].values() for s in r})
-    for k, s in enumerate(sources):
-        its = [i for i in sorted(d["rewards"]) if s in d["rewards"][i]]
-        _errorbars(ax, its, [d["rewards"][i][s] for i in its], [d["reward_ci"].get(i, {}).get(s) for i in its],
-                   label=s, color=f"C{k}")
-    _finish(ax, f"Mean judge reward by candidate source ({d['name']})", "mean reward of a candidate", "signed",
-            sorted(d["rewards"]))
-    ax.legend(fontsize=8)
-    ax.text(0.99, 0.01, "bars: mean ± 1.96 standard errors", transform=ax.transAxes, ha="right", va="bottom",
-            fontsize=7, color="grey")
-    fig.tight_layout()
-    fig.savefig(out / "reward_by_source.png", dpi=100)
-    plt.close(fig)
-    return {"file": "reward_by_source.png", "sources": sources}
+    """metrics.png (sipt.charts.metrics_chart), its points read by `value`."""
+    return draw_metrics_chart(runs, out, _point)
 
 
 def _charts(runs: list[dict], out: Path) -> list[tuple[str, str]]:
-    charts = []
-    if any(d["evals"] for d in runs):
-        charts.append(("Metrics per iteration", metrics_chart(runs, out)["file"]))
-    for title, made in (("Rollout-chosen rate", rollout_chosen_chart(runs, out)),
-                        ("Mean reward by candidate source", reward_chart(runs[0], out)),
-                        ("Training", training_chart(runs, out))):
-        if made:
-            charts.append((title, made["file"]))
-    return charts
+    return write_charts(runs, out, _point)
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -628,74 +411,11 @@ def run(run_dir: Path, compare: list[Path] | None = None) -> dict:
             "rows": rows, "comparison": cmp_lines}
 
 
-# -- several world seeds -------------------------------------------------------------------------
-
-
-def _last_summary(run_dir: Path) -> dict | None:
-    its = [i for i in artifacts.iterations(run_dir) if artifacts.read_manifest(artifacts.stage_dir(run_dir, "eval", i))]
-    return artifacts.read_manifest(artifacts.stage_dir(run_dir, "eval", its[-1]))["stats"] if its else None
-
-
-def _spread(values: list, kind: str, seeds: int) -> str:
-    """`57.1 (52.0–60.3)`: the mean over seeds and the range; the count where some seeds lack it."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return MISSING
-    s = f"{_num(sum(vals) / len(vals), kind)} ({_num(min(vals), kind)}–{_num(max(vals), kind)})"
-    return s + (f" [{len(vals)} of {seeds} seeds]" if len(vals) < seeds else "")
-
-
-RATIOS = [c for c in COLUMNS if c.key in ("claim_precision", "true_claims_per_generation", "at_risk_unsafe_rate",
-                                          "false_fact_rate")]
+# -- several world seeds (sipt.replicate) --------------------------------------------------------
 
 
 def replicate_table(run_groups: list[tuple[str, list[Path]]]) -> str:
-    """Markdown: for each label (e.g. sipt, ntp), its runs' last-iteration metrics over the world seeds,
-    as mean (min–max) and the number of seeds; a head-to-head row for each label whose runs were
-    judged against another label's runs (an eval.baselines entry naming that run); and, for the first
-    label against each other, the ratio of its metrics per seed. The groups list their runs in the
-    same seed order (the ratios pair them by position)."""
-    groups = [(label, [Path(p) for p in paths], [_last_summary(Path(p)) for p in paths]) for label, paths in run_groups]
-    header = ["runs", "seeds", *[c.title for c in COLUMNS]]
-    lines = ["Mean over world seeds (min–max); the last iteration of each run.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, _, sums in groups:
-        have = [s for s in sums if s is not None]
-        lines.append(f"| {label} | {len(have)} | " + " | ".join(
-            _spread([value(s, c)[0] for s in have], c.kind, len(have)) for c in COLUMNS) + " |")
-    for label, paths, sums in groups:
-        for other, other_paths, _ in groups:
-            if other == label:
-                continue
-            entries = []
-            for s in sums:
-                if s is None:
-                    continue
-                name = next((e for e in s.get("versus") or {} if any(_names_run(e, p) for p in other_paths)), None)
-                entries.append((s["versus"][name], s.get("baseline") == name, s) if name else None)
-            entries = [e for e in entries if e is not None]
-            if not entries:
-                continue
-            cells = []
-            for c in COLUMNS:
-                if c.key in ("quality_win_rate", "coherence_win_rate"):
-                    cells.append(_spread([e.get(c.key) for e, _, _ in entries], c.kind, len(entries)))
-                elif c.key == "judge_invalid":
-                    cells.append(_spread([e.get("judge_invalid", s.get("judge_invalid") if first else None)
-                                          for e, first, s in entries], c.kind, len(entries)))
-                else:
-                    cells.append(MISSING)
-            lines.append(f"| {label} vs {other} (head to head) | {len(entries)} | " + " | ".join(cells) + " |")
-    if len(groups) > 1:
-        label, _, sums = groups[0]
-        lines += ["", f"Ratio {label} / other per seed (paired by position), mean (min–max):", "",
-                  "| ratio | seeds | " + " | ".join(c.title for c in RATIOS) + " |", "|" + "---|" * (2 + len(RATIOS))]
-        for other, _, other_sums in groups[1:]:
-            pairs = [(a, b) for a, b in zip(sums, other_sums) if a is not None and b is not None]
-            cells = []
-            for c in RATIOS:
-                ratios = [value(a, c)[0] / value(b, c)[0] for a, b in pairs
-                          if value(a, c)[0] is not None and value(b, c)[0]]
-                cells.append(_spread(ratios, "num", len(pairs)))
-            lines.append(f"| {label} / {other} | {len(pairs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """Markdown: for each label (e.g. sipt, ntp), its runs' last-iteration metrics over the world seeds
+    as mean (min–max), head to head and per-seed ratios (sipt.replicate.replicate_table), in the
+    main table's columns."""
+    return replicate.replicate_table(run_groups, COLUMNS, value, _num)
