@@ -265,7 +265,6 @@ def loop(
     out.print(f"[green]loop[/] {escape(str(run))}: {cfg.run.iterations} iterations done in {time.perf_counter() - t0:.1f} s")
 
 
-
 from sipt import cli_inspect  # noqa: E402,F401  its commands follow the stage commands in --help
 
 

@@ -4,6 +4,10 @@ Each section is a dataclass; each field carries `help` (the reference manual is 
 and `results` (False for keys that only change speed or logging, never the artifacts). The resolved
 config of a run is frozen into `runs/<name>/sipt.toml` on first use; a later command that changes a
 result-affecting key is refused unless `--force`.
+
+This module holds the engine sections, the registry (`SECTIONS`) and the typed `Config`; the plain
+sections are in `sipt.sections`, the TOML format and `--set` in `sipt.config_toml`, the range checks
+in `sipt.config_checks` and freezing in `sipt.freeze`. Their public names are importable from here.
 """
 
 from __future__ import annotations
