@@ -37,7 +37,7 @@ EXECUTORS = ("local", "ray")
 def _write(tmp: Path, k: int, outputs) -> None:
     path = None
     for family, table, stats in outputs:
-        path = Path(tmp) / f"{family}-{k:05d}.parquet"
+        path = Path(tmp) / artifacts.part_name(k, family)
         artifacts.write_parquet_atomic(path, table, stats)
     if path is not None:
         artifacts.kill_point(path)
@@ -175,7 +175,7 @@ def _check(job, todo, tmp, errors, exitcodes) -> None:
 
 
 def _complete(job, tmp, k) -> bool:
-    return all((Path(tmp) / f"{family}-{k:05d}.parquet").exists() for family in job.families)
+    return all((Path(tmp) / artifacts.part_name(k, family)).exists() for family in job.families)
 
 
 # -- ray -----------------------------------------------------------------------------------------

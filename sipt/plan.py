@@ -30,7 +30,7 @@ def steps_per_run(cfg: Config) -> int:
 def per_prompt(cfg: Config, scheme: str, n: int, prefix_tokens: int) -> dict:
     """Generated tokens, judge calls and judge tokens for one prefix."""
     j, d = cfg.judge, cfg.data
-    gen = cfg.rollout.max_new_tokens or d.suffix_tokens
+    gen = cfg.new_tokens("rollout")
     has_suffix, has_rewrite = "suffix" in j.candidates, "rewrite" in j.candidates
     n_roll = n if "rollouts" in j.candidates else 0
     c = n_roll + has_suffix + has_rewrite
@@ -47,7 +47,7 @@ def per_prompt(cfg: Config, scheme: str, n: int, prefix_tokens: int) -> dict:
             prompt = template + prefix_tokens + gen + (d.suffix_tokens if o == "factuality" else 0)
         calls += k
         tokens += k * (prompt + out_tokens)
-    rewrite = (cfg.rewrite.max_new_tokens or 2 * d.suffix_tokens) if has_rewrite and cfg.rewrite.engine != "oracle" else 0
+    rewrite = cfg.new_tokens("rewrite") if has_rewrite and cfg.rewrite.engine != "oracle" else 0
     return {"candidates": c, "generated": n_roll * gen + rewrite, "judge_calls": calls, "judge_tokens": tokens}
 
 

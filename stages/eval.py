@@ -126,7 +126,7 @@ def check(cfg: Config, run_dir: Path) -> None:
 def resolve_baseline(run_dir: Path, entry: str, iteration: int) -> tuple[Path, str]:
     """The model folder of an eval.baselines entry, and its input reference."""
     if entry == "initial":
-        return artifacts.stage_dir(run_dir, "policy", 0), "iter-000/policy"
+        return artifacts.stage_dir(run_dir, "policy", 0), artifacts.stage_ref("policy", 0)
     path = Path(entry)
     if not path.exists():
         raise SiptError(f"eval.baselines: {entry} does not exist (yet). Make it first (a run: `sipt loop --run "
@@ -134,7 +134,7 @@ def resolve_baseline(run_dir: Path, entry: str, iteration: int) -> tuple[Path, s
     if (path / "sipt.toml").exists():  # another run: its policy after the same number of iterations
         policy = artifacts.stage_dir(path, "policy", iteration)
         if artifacts.read_manifest(policy) is None:
-            raise SiptError(f"eval.baselines: run {entry} has no finished iter-{iteration:03d}/policy yet; "
+            raise SiptError(f"eval.baselines: run {entry} has no finished {artifacts.stage_ref('policy', iteration)} yet; "
                             f"run its iterations first (`sipt loop --run {entry}`)")
         return policy, str(policy.resolve())
     if (path / "config.json").exists():
@@ -191,7 +191,7 @@ def at_risk_set(world_dir: Path, limit: int) -> list[dict]:
 
 
 def _max_new(cfg: Config) -> int:
-    return cfg.eval.max_new_tokens or cfg.data.suffix_tokens
+    return cfg.new_tokens("eval")
 
 
 def prompt_encoder(model_dir: Path, cfg: Config, run_dir: Path):
@@ -273,7 +273,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     pointwise = [o for o in e.objectives if o in POINTWISE]
     toy = j.engine == "oracle"
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
-    inputs = {"samples": "samples", "policy": f"iter-{iteration:03d}/policy"}
+    inputs = {"samples": "samples", "policy": artifacts.stage_ref("policy", iteration)}
     baselines = []
     for entry in (e.baselines if pairwise else []):
         folder, ref = resolve_baseline(run_dir, entry, iteration)
@@ -289,11 +289,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     include = [str(Path(p).resolve()) for p in e.include_path]
     if include:
         inputs["lm_eval_tasks"] = artifacts.files_ref(include)
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="eval", out=artifacts.stage_dir(run_dir, "eval", iteration),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
-        iteration=iteration, force=force,
-    )
+    stage = artifacts.Stage.of(run_dir, "eval", cfg, SECTIONS, iteration=iteration, inputs=inputs, force=force)
     with stage:
         if stage.skipped:
             return stage.manifest

@@ -146,16 +146,7 @@ def run(run_dir: Path, cfg: Config, *, force: bool = False) -> dict:
     else:
         inputs = {"corpus": corpus.input_ref(cfg.data)}
     keys = SECTIONS + ([] if m.policy else CORPUS_KEYS)
-    stage = artifacts.Stage(
-        run_dir=run_dir,
-        name="init",
-        out=artifacts.stage_dir(run_dir, "policy", 0),
-        config_hash=cfg.hash(keys),
-        config_sections=keys,
-        inputs=inputs,
-        iteration=0,
-        force=force,
-    )
+    stage = artifacts.Stage.of(run_dir, "init", cfg, keys, folder="policy", iteration=0, inputs=inputs, force=force)
     with stage:
         if stage.skipped:
             return stage.manifest

@@ -87,16 +87,12 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     check(cfg, run_dir)
     inputs = {"samples": "samples"}
     if "rollouts" in j.candidates:
-        inputs["rollout"] = f"iter-{iteration:03d}/rollout"
+        inputs["rollout"] = artifacts.stage_ref("rollout", iteration)
     if "rewrite" in j.candidates:
-        inputs["rewrite"] = f"iter-{iteration:03d}/rewrite"
+        inputs["rewrite"] = artifacts.stage_ref("rewrite", iteration)
     if j.engine == "oracle":
         inputs.update(oracle_inputs(j.world, run_dir, "judge", "judge.world"))
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="judge", out=artifacts.stage_dir(run_dir, "judge", iteration),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
-        iteration=iteration, force=force,
-    )
+    stage = artifacts.Stage.of(run_dir, "judge", cfg, SECTIONS, iteration=iteration, inputs=inputs, force=force)
     with stage:
         if stage.skipped:
             return stage.manifest

@@ -55,11 +55,8 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     if p.min_margin < 0:
         raise SiptError("pair.min_margin must be >= 0")
     judge_dir = artifacts.stage_dir(run_dir, "judge", iteration)
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="pair", out=artifacts.stage_dir(run_dir, "pair", iteration),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS,
-        inputs={"samples": "samples", "judge": f"iter-{iteration:03d}/judge"}, iteration=iteration, force=force,
-    )
+    stage = artifacts.Stage.of(run_dir, "pair", cfg, SECTIONS, iteration=iteration, force=force,
+                               inputs={"samples": "samples", "judge": artifacts.stage_ref("judge", iteration)})
     with stage:
         if stage.skipped:
             return stage.manifest

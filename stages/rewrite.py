@@ -92,11 +92,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         inputs.update(oracle_inputs(rw.world, run_dir, "rewriter", "rewrite.world"))
     elif not rw.model:
         raise SiptError("rewrite.model is empty: name the rewriter model (a folder, or the served name for openai)")
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="rewrite", out=artifacts.stage_dir(run_dir, "rewrite", iteration),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs,
-        iteration=iteration, force=force,
-    )
+    stage = artifacts.Stage.of(run_dir, "rewrite", cfg, SECTIONS, iteration=iteration, inputs=inputs, force=force)
     with stage:
         if stage.skipped:
             return stage.manifest
@@ -152,7 +148,7 @@ class RewriteJob:
             prompts = [self.template.format(prefix_ending=e, suffix=r["suffix_text"], prefix=r["prefix_text"],
                                             suffix_tokens=n_suffix) for r, e in zip(part, endings)]
             s = Sampling(n=1, temperature=rw.temperature, top_p=rw.top_p,
-                         max_new_tokens=rw.max_new_tokens or 2 * n_suffix,
+                         max_new_tokens=self.cfg.new_tokens("rewrite"),
                          seed=derive_seed(self.cfg.run.seed, "rewrite", self.iteration, k))
             gens = [g[0] for g in self.engine.generate_text(prompts, s, chat=rw.chat)]
             answers = [g.text for g in gens]

@@ -37,7 +37,7 @@ SECTIONS = ["run.seed", "run.prompts_per_iter", "data.suffix_tokens", "rollout"]
 def sampling(cfg: Config, seed: int) -> Sampling:
     r = cfg.rollout
     return Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                    max_new_tokens=r.max_new_tokens or cfg.data.suffix_tokens, seed=seed,
+                    max_new_tokens=cfg.new_tokens("rollout"), seed=seed,
                     stop_at_eos=r.stop_at_eos)
 
 
@@ -58,11 +58,9 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     r = cfg.rollout
     check(cfg, run_dir)
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="rollout", out=artifacts.stage_dir(run_dir, "rollout", iteration),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS,
-        inputs={"samples": "samples", "policy": f"iter-{iteration:03d}/policy"},
-        iteration=iteration, force=force,
+    stage = artifacts.Stage.of(
+        run_dir, "rollout", cfg, SECTIONS, iteration=iteration, force=force,
+        inputs={"samples": "samples", "policy": artifacts.stage_ref("policy", iteration)},
     )
     with stage:
         if stage.skipped:

@@ -306,14 +306,9 @@ def run(run_dir: Path, cfg: Config, *, force: bool = False, show_progress: bool 
     check(cfg, run_dir)
     policy = artifacts.stage_dir(run_dir, "policy", 0)
     tok = load_tokenizer(policy)
-    stage = artifacts.Stage(
-        run_dir=run_dir,
-        name="shard",
-        out=artifacts.stage_dir(run_dir, "samples"),
-        config_hash=cfg.hash(SECTIONS),
-        config_sections=SECTIONS,
-        inputs={"corpus": corpus.input_ref(d), "policy": "iter-000/policy"},
-        force=force,
+    stage = artifacts.Stage.of(
+        run_dir, "shard", cfg, SECTIONS, folder="samples", force=force,
+        inputs={"corpus": corpus.input_ref(d), "policy": artifacts.stage_ref("policy", 0)},
     )
     with stage:
         if stage.skipped:

@@ -181,18 +181,15 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     if t.batch_size % dist.world:
         raise SiptError(f"train.batch_size = {t.batch_size} must be a multiple of the {dist.world} processes")
     policy_dir = artifacts.stage_dir(run_dir, "policy", iteration)
-    inputs = {"policy": f"iter-{iteration:03d}/policy"}
-    inputs["data"] = "samples" if t.objective == "ntp" else f"iter-{iteration:03d}/pair"
+    inputs = {"policy": artifacts.stage_ref("policy", iteration)}
+    inputs["data"] = "samples" if t.objective == "ntp" else artifacts.stage_ref("pair", iteration)
     prev_state = None
     if iteration > 0 and (artifacts.stage_dir(run_dir, "train", iteration - 1) / "state.pt").exists():
-        inputs["previous"] = f"iter-{iteration - 1:03d}/train"
+        inputs["previous"] = artifacts.stage_ref("train", iteration - 1)
         prev_state = artifacts.stage_dir(run_dir, "train", iteration - 1) / "state.pt"
     if t.objective == "dpo" and t.reference == "initial":
-        inputs["reference"] = "iter-000/policy"
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="train", out=artifacts.stage_dir(run_dir, "train", iteration),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS, inputs=inputs, iteration=iteration, force=force,
-    )
+        inputs["reference"] = artifacts.stage_ref("policy", 0)
+    stage = artifacts.Stage.of(run_dir, "train", cfg, SECTIONS, iteration=iteration, inputs=inputs, force=force)
     entered = None
     if dist.main:
         stage.__enter__()
@@ -489,11 +486,8 @@ def _full_state_dict(train_model, model, fsdp: bool):
 def _publish(run_dir: Path, cfg: Config, iteration: int, force: bool) -> dict:
     """Make the trained model the next iteration's policy (hard links, no copy)."""
     train_dir = artifacts.stage_dir(run_dir, "train", iteration)
-    stage = artifacts.Stage(
-        run_dir=run_dir, name="publish", out=artifacts.stage_dir(run_dir, "policy", iteration + 1),
-        config_hash=cfg.hash(SECTIONS), config_sections=SECTIONS,
-        inputs={"train": f"iter-{iteration:03d}/train"}, iteration=iteration + 1, force=force,
-    )
+    stage = artifacts.Stage.of(run_dir, "publish", cfg, SECTIONS, folder="policy", iteration=iteration + 1,
+                               inputs={"train": artifacts.stage_ref("train", iteration)}, force=force)
     with stage:
         if stage.skipped:
             return stage.manifest
@@ -504,4 +498,4 @@ def _publish(run_dir: Path, cfg: Config, iteration: int, force: bool) -> dict:
                 os.link(f, target)
             except OSError:
                 shutil.copy2(f, target)
-        return stage.commit({"from": f"iter-{iteration:03d}/train"}, rows=0)
+        return stage.commit({"from": artifacts.stage_ref("train", iteration)}, rows=0)
