@@ -19,6 +19,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
+from sipt import objectives as _objectives
 from sipt.errors import SiptError
 from sipt.world import WorldConfig
 
@@ -223,7 +224,7 @@ class RewriteConfig(EngineConfig):
     world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
 
 
-OBJECTIVES = ("quality", "safety", "factuality", "coherence")
+OBJECTIVES = tuple(_objectives.OBJECTIVES)  # the built-in objectives (sipt/objectives.py); stages read the registry
 CANDIDATES = ("suffix", "rewrite", "rollouts")
 
 
