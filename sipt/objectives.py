@@ -2,8 +2,8 @@
 
 An objective is one `Objective` in the registry `OBJECTIVES` (name -> declaration, in the order of the
 judge's score columns) plus its prompt template data/prompts/<name>.txt. The judge (sipt.judging,
-stages/judge.py), eval (sipt.evaluation) and the report read the declarations; nothing else names an
-objective. Adding one: `register(Objective(...))` and the template file.
+stages/judge.py), eval (sipt.evaluation), the report and the oracle (`OracleJudge.respond`) read the
+declarations. Adding one: `register(Objective(...))` and the template file.
 
 Built in (PAPER.md §6):
   quality     pairwise  "Conclusion: Option 1|2" (the oracle also writes "Conclusion: Tie")
