@@ -1,4 +1,4 @@
-"""Judging: the paper's four judgments, their parsers, the comparison schemes, the call cache.
+"""Judging: judge calls through the cache, comparison schemes, position signal, reward and pair choice.
 
 Objectives are declared in sipt.objectives (prompt, kind, parser, verdict options); their names,
 parsers, `load_template` and `render` are importable from here as well. A pairwise verdict is the
