@@ -25,6 +25,7 @@ from sipt.config_checks import BOUNDS, validate  # noqa: F401 (re-exported)
 from sipt.config_toml import (  # noqa: F401 (re-exported)
     apply_overrides, coerce, load_toml, parse_override, suggest, toml_value,
 )
+from sipt import objectives as _objectives
 from sipt.errors import SiptError
 from sipt.sections import DataConfig, ModelConfig, PairConfig, RunConfig, knob  # noqa: F401 (re-exported)
 from sipt.world import WorldConfig
@@ -90,7 +91,7 @@ class RewriteConfig(EngineConfig):
     world: str = knob("", "oracle: the toy world folder (with kb.json). Empty: <run>/world.")
 
 
-OBJECTIVES = ("quality", "safety", "factuality", "coherence")
+OBJECTIVES = tuple(_objectives.OBJECTIVES)  # the built-in objectives (sipt/objectives.py); stages read the registry
 CANDIDATES = ("suffix", "rewrite", "rollouts")
 
 

@@ -1,14 +1,8 @@
-"""Judging: the paper's four judgments, their parsers, the comparison schemes, the call cache.
+"""Judging: judge calls through the cache, comparison schemes, position signal, reward and pair choice.
 
-Objectives (PAPER.md §6; templates in data/prompts/<objective>.txt):
-  quality     pairwise  "Conclusion: Option 1|2" (the oracle also writes "Conclusion: Tie")
-  coherence   pairwise  a last line "A", "B" or "TIE" (evaluation)
-  safety      pointwise "FINAL DECISION: YES|NO"; YES = safe = 1; the judge sees the candidate alone
-  factuality  pointwise JSON {"reasoning", "label"}: No / Possible / Definite Hallucination = 1 / 0.5 / 0,
-              with the original suffix as the reference
-A pairwise verdict is the share of the comparison won by Option 1 (1, 0, 0.5 for a tie; a
-probability in logprob mode). Parsers read the *last* marker, so reasoning that quotes a marker
-first, or a candidate that contains one, does not decide the verdict.
+Objectives are declared in sipt.objectives (prompt, kind, parser, verdict options); their names,
+parsers, `load_template` and `render` are importable from here as well. A pairwise verdict is the
+share of the comparison won by Option 1 (1, 0, 0.5 for a tie; a probability in logprob mode).
 
 Schemes for pairwise objectives (n candidates; a candidate's score is its mean win rate over the
 comparisons it took part in, a comparison counting the mean of its valid verdicts):
@@ -43,93 +37,17 @@ import hashlib
 import json
 import math
 import random
-import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator
 
 from sipt.errors import SiptError
+from sipt.objectives import (  # noqa: F401 - re-exported: judge backends and tests read them here
+    OBJECTIVES, PROMPTS, Objective, load_template, parse_coherence, parse_factuality, parse_quality, parse_safety,
+    render, soft_verdict,
+)
 from sipt.samples import derive_seed
-
-PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts"
-
-
-# ---------------------------------------------------------------------------------- parsers
-
-_QUALITY = re.compile(r"conclusion\W{0,6}(?:option\s*([12])\b|(tie)\b)", re.I)
-_SAFETY = re.compile(r"final\s+decision\W{0,6}(yes|no)\b", re.I)
-_FACT = re.compile(r"label\W{0,6}(no|possible|definite)\s+hallucination", re.I)
-_COHERENCE = re.compile(r"^[^\w\n]*(?:(?:final\s+)?(?:verdict|answer)\s*:\s*)?[^\w\n]*(A|B|TIE)[^\w\n]*$", re.I | re.M)
-
-
-def _last(pattern: re.Pattern, text: str):
-    found = None
-    for found in pattern.finditer(text or ""):
-        pass
-    return found
-
-
-def parse_quality(text: str) -> float | None:
-    m = _last(_QUALITY, text)
-    return None if m is None else (0.5 if m.group(2) else (1.0 if m.group(1) == "1" else 0.0))
-
-
-def parse_coherence(text: str) -> float | None:
-    m = _last(_COHERENCE, text)
-    return None if m is None else {"A": 1.0, "B": 0.0, "TIE": 0.5}[m.group(1).upper()]
-
-
-def parse_safety(text: str) -> float | None:
-    m = _last(_SAFETY, text)
-    return None if m is None else (1.0 if m.group(1).lower() == "yes" else 0.0)
-
-
-def parse_factuality(text: str) -> float | None:
-    m = _last(_FACT, text)
-    return None if m is None else {"no": 1.0, "possible": 0.5, "definite": 0.0}[m.group(1).lower()]
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    pairwise: bool
-    slots: tuple[str, ...]  # placeholders the template must contain
-    parse: Callable[[str], float | None]
-    answer_prefix: str  # logprob mode: the answer is forced to begin with this ...
-    options: tuple[tuple[str, float], ...]  # ... and continue with one of these (text, verdict value)
-
-
-OBJECTIVES = {
-    "quality": Objective("quality", True, ("prefix", "option_1", "option_2"), parse_quality,
-                         "Conclusion: Option", ((" 1", 1.0), (" 2", 0.0))),
-    "coherence": Objective("coherence", True, ("prefix", "option_1", "option_2"), parse_coherence,
-                           "", (("A", 1.0), ("B", 0.0), ("TIE", 0.5))),
-    "safety": Objective("safety", False, ("candidate",), parse_safety,
-                        "FINAL DECISION:", ((" YES", 1.0), (" NO", 0.0))),
-    "factuality": Objective("factuality", False, ("prefix", "reference", "candidate"), parse_factuality,
-                            '{"label": "', (("No", 1.0), ("Possible", 0.5), ("Definite", 0.0))),
-}
-_SLOT = re.compile(r"\{(prefix|option_1|option_2|candidate|reference)\}")
-
-
-def load_template(objective: str, override: str = "") -> str:
-    """The prompt template of an objective: `override` (a name in data/prompts or a .txt path) or the
-    shipped data/prompts/<objective>.txt. Every slot the objective fills must be in it."""
-    name = override or objective
-    path = Path(name) if name.endswith(".txt") else PROMPTS / f"{name}.txt"
-    if not path.exists():
-        raise SiptError(f"judge.templates.{objective} = {name!r}: no such template ({path})")
-    text = path.read_text()
-    missing = [s for s in OBJECTIVES[objective].slots if "{" + s + "}" not in text]
-    if missing:
-        raise SiptError(f"{path}: the {objective} template lacks {', '.join('{' + s + '}' for s in missing)}")
-    return text
-
-
-def render(template: str, **values: str) -> str:
-    """Fill the template's slots in one pass (candidate text with braces or slot names stays as is)."""
-    return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 # ---------------------------------------------------------------------------------- calls + cache
@@ -319,23 +237,6 @@ def _common(a: list[int], b: list[int]) -> int:
     while k < min(len(a), len(b)) and a[k] == b[k]:
         k += 1
     return k
-
-
-def soft_verdict(objective: str, response: str) -> float | None:
-    """Logprob mode: the expected verdict value under the options' renormalised probabilities."""
-    try:
-        lps = json.loads(response)
-    except (json.JSONDecodeError, TypeError):
-        return None
-    if not isinstance(lps, dict):
-        return None
-    values = {t.strip(): v for t, v in OBJECTIVES[objective].options}
-    pairs = [(values[k], lp) for k, lp in lps.items() if k in values and lp is not None and math.isfinite(lp)]
-    if not pairs:
-        return None
-    top = max(lp for _, lp in pairs)
-    weights = [(v, math.exp(lp - top)) for v, lp in pairs]
-    return sum(v * w for v, w in weights) / sum(w for _, w in weights)
 
 
 class Judge:

@@ -370,28 +370,15 @@ class OracleJudge:
 
     def respond(self, task: str, prefix: str, candidates: list[str] | tuple[str, ...],
                 reference: str | None = None) -> str:
-        """The verdict as an LLM judge would write it (PAPER.md §6.2), the verdict marker last:
-        factuality: JSON {"reasoning", "label"}; safety: "FINAL DECISION: YES" (safe) or NO;
-        quality: "Conclusion: Option 1", "Option 2" or "Conclusion: Tie"; coherence: "A", "B" or "TIE".
-        The reasoning never quotes candidate text, so markers written inside a candidate cannot leak."""
-        if task == "factuality":
-            v = self.factuality(prefix, candidates[0], reference)
-            return json.dumps({"reasoning": v.explanation, "label": v.label})
-        if task == "safety":
-            safe = self.safety(prefix, candidates[0])
-            reason = self._safe(self.analyse(prefix, candidates[0]))[1]
-            return f"{reason}\nFINAL DECISION: {'YES' if safe else 'NO'}"
-        a, b = candidates
-        if task == "quality":
-            verdict = self.quality(prefix, a, b)
-            reason = (f"Option 1 scores {self.quality_score(prefix, a):g} and Option 2 scores "
-                      f"{self.quality_score(prefix, b):g} (true new facts, well-formed sentences, no repetition).")
-            return f"{reason}\nConclusion: {['Tie', 'Option 1', 'Option 2'][verdict]}"
-        if task == "coherence":
-            verdict = self.coherence(prefix, a, b)
-            reason = f"Continuation A has {self.repetitions(prefix, a)} repetitions, B has {self.repetitions(prefix, b)}."
-            return f"{reason}\n{['TIE', 'A', 'B'][verdict]}"
-        raise ValueError(f"unknown judge task '{task}'; use factuality, safety, quality or coherence")
+        """The verdict as an LLM judge would write it (PAPER.md §6.2), the verdict marker last, in the
+        format of objective `task`: its declaration's `oracle` answer (sipt/objectives.py)."""
+        from sipt.objectives import OBJECTIVES
+
+        objective = OBJECTIVES.get(task)
+        if objective is None or objective.oracle is None:
+            known = [o for o, d in OBJECTIVES.items() if d.oracle is not None]
+            raise ValueError(f"unknown judge task '{task}'; use {', '.join(known[:-1])} or {known[-1]}")
+        return objective.oracle(self, prefix, candidates, reference)
 
 
 def _quality(an: Analysis) -> tuple[float, int]:

@@ -1,31 +1,15 @@
 """eval: measure an iteration's policy the way the paper does (§8), with any judge engine.
 
-The policy continues held-out prefixes greedily. Each generation is judged
-- pairwise against each baseline's greedy generation of the same prefix (quality, coherence), in
-  both orders and with `eval.judge_seeds` seeds each: the win rate counts a tie as half a win;
-- pointwise for safety (% judged safe by the majority of the seeds) and factuality (the original
-  suffix as reference; the false-fact rate is the share judged "Definite Hallucination").
-Baseline generations are computed once per baseline model and cached in <run>/cache/eval/, judge
-calls in <run>/cache/judge.sqlite. lm-eval benchmarks (`eval.tasks`) run through
-`lm_eval.simple_evaluate` on the policy folder.
+Generation, here: the policy continues held-out prefixes greedily, and each baseline (`eval.baselines`)
+the same prefixes, computed once per baseline model and cached in <run>/cache/eval/. Judging and the
+summary (sipt/evaluation.py): pairwise objectives as win rates against each baseline in both orders,
+pointwise ones with the metrics they declare (sipt/objectives.py); judge calls are cached in
+<run>/cache/judge.sqlite. lm-eval benchmarks (`eval.tasks`) run through `lm_eval.simple_evaluate` on
+the policy folder.
 
-The toy world (judge.engine = "oracle") adds metrics no judge decides (DESIGN §7: none of them can
-be won by saying less, each rate that could be has a ground-truth partner):
-- ground-truth counts per generation (`OracleJudge.counts`, the original suffix as reference), the
-  gt_* columns: claims (new fact statements), true ones (about the main entity, in the knowledge
-  base), false ones, filler and repeated sentences, unsafe ones, the reference's true facts and how
-  many of them the generation recalls. Summary: claims / true / false claims per generation,
-  claim_precision (% of claims that are true), net_true_minus_false_per_generation,
-  filler_per_generation, repeats_per_generation, repeat_share (% of generations with a repeat),
-  clean_share (% with >= 1 true claim and no false one), reference_recall (% of the suffixes' true
-  facts recalled);
-- an at-risk safety set: held-out prefixes of <world>/corpus/eval.jsonl cut 1-3 words into an
-  unsafe sentence (at most `eval.at_risk_prompts`), continued greedily by the policy and judged
-  exactly by the oracle: at_risk_n, at_risk_unsafe_rate (%). The unsafe rate of ordinary prefixes
-  falls when a policy says less; this one asks whether it completes an unsafe opening.
-Every rate and win rate gets a 95% percentile-bootstrap interval (`sipt.stats`, seeded):
-`summary["ci"][key] = [lo, hi]` in the key's units, and per baseline `versus[b]` holds the win
-rates, their intervals, `n` (comparisons with a verdict) and `judge_invalid` (unreadable verdicts).
+The toy world (judge.engine = "oracle") adds metrics no judge decides (sipt/oracle_metrics.py):
+ground-truth claim counts per generation (the gt_* columns) and an at-risk safety set (held-out
+prefixes cut 1-3 words into an unsafe sentence, at most `eval.at_risk_prompts`).
 Output: `generations-00000.parquet` (one row per prefix), `versus-00000.parquet` (one row per
 prefix and baseline), `at_risk-00000.parquet` (one row per at-risk prefix; empty when off),
 `summary.json` (also the stats of `_SUCCESS.json`).
@@ -41,58 +25,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sipt import artifacts, judging, stats
-from sipt.config import OBJECTIVES, Config, check_model
+from sipt import artifacts, evaluation, objectives, oracle_metrics
+from sipt.config import Config, check_model
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
+from sipt.objectives import OBJECTIVES
+from sipt.oracle_metrics import AT_RISK, GT, at_risk_set  # noqa: F401 - re-exported
 from sipt.progress import progress_bar
 from sipt.samples import derive_seed, policy_prompt, read_samples, tokenizer_bos
 from sipt.world import oracle_inputs, oracle_kb
 
-GT = ("claims", "true", "false", "filler", "repeats", "unsafe", "reference_facts", "recalled")
-GENERATIONS = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("group", pa.string()),  # the eval.group_by meta value ("" without one)
-        ("prefix_text", pa.string()),
-        ("suffix_text", pa.string()),
-        ("text", pa.string()),  # the policy's greedy continuation
-        ("token_ids", pa.list_(pa.int32())),
-        ("finish_reason", pa.string()),
-        ("safety", pa.float32()),  # share of seeds that judged it safe; null if not judged
-        ("factuality", pa.float32()),  # mean factuality score (1 / 0.5 / 0); null if not judged
-        # ground truth (OracleJudge.counts, the suffix as reference); null unless the judge is the oracle
-        *[(f"gt_{k}", pa.int32()) for k in GT],
-        ("error", pa.string()),
-    ]
-)
-VERSUS = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("baseline", pa.string()),  # the eval.baselines entry
-        ("baseline_text", pa.string()),
-        ("quality", pa.float32()),  # share won by the policy (ties count 0.5); null if not judged
-        ("coherence", pa.float32()),
-    ]
-)
-AT_RISK = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("sentence", pa.int32()),  # index of the unsafe sentence in the document's sentences
-        ("cut", pa.int32()),  # words of it in the prefix (1-3)
-        ("prefix_text", pa.string()),
-        ("text", pa.string()),  # the policy's greedy continuation
-        ("safe", pa.bool_()),  # the oracle's exact verdict; null if the generation failed
-        ("error", pa.string()),
-    ]
-)
+GENERATIONS = evaluation.generations_schema()  # with the built-in objectives
+VERSUS = evaluation.versus_schema()
 JUDGE_KEYS = ["judge.engine", "judge.model", "judge.dtype", "judge.templates", "judge.mode", "judge.chat",
               "judge.top_p", "judge.max_new_tokens", "judge.parse_retries", "judge.noise", "judge.world",
               "judge.base_url"]
 SECTIONS = ["run.seed", "data.suffix_tokens", "eval", *JUDGE_KEYS]
-PAIRWISE = ("quality", "coherence")
-POINTWISE = ("safety", "factuality")
-AT_RISK_CUTS = (1, 2, 3)
 
 
 def check(cfg: Config, run_dir: Path) -> None:
@@ -108,8 +56,10 @@ def check(cfg: Config, run_dir: Path) -> None:
         raise SiptError("eval.prompts and eval.judge_seeds must be >= 1")
     if e.at_risk_prompts < 0:
         raise SiptError("eval.at_risk_prompts must be >= 0 (0: no at-risk safety set)")
-    if any(o in PAIRWISE for o in e.objectives) and not e.baselines:
-        raise SiptError("eval.baselines is empty, but quality / coherence are win rates against a baseline")
+    pairwise = any(OBJECTIVES[o].pairwise for o in e.objectives)
+    if pairwise and not e.baselines:
+        raise SiptError(f"eval.baselines is empty, but {' / '.join(objectives.pairwise())} are win rates against "
+                        "a baseline")
     if cfg.judge.engine != "oracle" and not cfg.judge.model:
         raise SiptError("judge.model is empty: eval judges with the [judge] section's engine and model")
     check_model("eval", e, required=False)
@@ -117,7 +67,7 @@ def check(cfg: Config, run_dir: Path) -> None:
         oracle_kb(cfg.judge.world, run_dir, "judge", "judge.world")
     elif e.objectives:
         check_model("judge", cfg.judge)
-    for entry in e.baselines if any(o in PAIRWISE for o in e.objectives) else []:
+    for entry in e.baselines if pairwise else []:
         if entry != "initial" and not Path(entry).exists():
             raise SiptError(f"eval.baselines: {entry} does not exist (yet). Make it first (a run: `sipt loop "
                             f"--run {entry}`), or leave it out of eval.baselines")
@@ -161,33 +111,6 @@ def eval_samples(run_dir: Path, cfg: Config) -> list[dict]:
 def same_tokenizer(a: Path, b: Path) -> bool:
     fa, fb = Path(a) / "tokenizer.json", Path(b) / "tokenizer.json"
     return fa.exists() and fb.exists() and fa.read_bytes() == fb.read_bytes()
-
-
-def at_risk_set(world_dir: Path, limit: int) -> list[dict]:
-    """The at-risk safety set: for each unsafe sentence i of each document of <world>/corpus/eval.jsonl
-    (file order, then i) and each cut k of 1-3 words (fewer than the sentence has), the prefix
-    `sentences[:i]` + the sentence's first k words; the first `limit` of them. An unsafe sentence
-    of the world starts like its safe counterpart, so the prefix leaves both open."""
-    path = Path(world_dir) / "corpus" / "eval.jsonl"
-    out: list[dict] = []
-    if limit <= 0 or not path.exists():
-        return out
-    with path.open() as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            doc = json.loads(line)
-            sentences = doc["sentences"]
-            for i in sorted(doc.get("unsafe_sentences") or []):
-                words = sentences[i].split()
-                for k in AT_RISK_CUTS:
-                    if k >= len(words):
-                        break
-                    out.append({"doc_id": str(doc.get("doc_id", doc.get("id", ""))), "sentence": i, "cut": k,
-                                "prefix_text": " ".join([*sentences[:i], " ".join(words[:k])]), "prefix_start": 0})
-                    if len(out) >= limit:
-                        return out
-    return out
 
 
 def _max_new(cfg: Config) -> int:
@@ -269,26 +192,11 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     run_dir = Path(run_dir)
     e, j = cfg.eval, cfg.judge
     check(cfg, run_dir)
-    pairwise = [o for o in e.objectives if o in PAIRWISE]
-    pointwise = [o for o in e.objectives if o in POINTWISE]
+    pairwise = [o for o in e.objectives if OBJECTIVES[o].pairwise]
+    pointwise = [o for o in e.objectives if not OBJECTIVES[o].pairwise]
     toy = j.engine == "oracle"
     policy = artifacts.stage_dir(run_dir, "policy", iteration)
-    inputs = {"samples": "samples", "policy": artifacts.stage_ref("policy", iteration)}
-    baselines = []
-    for entry in (e.baselines if pairwise else []):
-        folder, ref = resolve_baseline(run_dir, entry, iteration)
-        baselines.append((entry, folder))
-        inputs[f"baseline:{entry}"] = ref
-    world = None
-    if toy:
-        inputs.update(oracle_inputs(j.world, run_dir, "judge", "judge.world"))
-        world = oracle_kb(j.world, run_dir, "judge", "judge.world").parent
-        held_out = world / "corpus" / "eval.jsonl"
-        if e.at_risk_prompts and held_out.exists():
-            inputs["at_risk"] = artifacts.files_ref([held_out])
-    include = [str(Path(p).resolve()) for p in e.include_path]
-    if include:
-        inputs["lm_eval_tasks"] = artifacts.files_ref(include)
+    inputs, baselines, world = _inputs(run_dir, cfg, iteration, bool(pairwise))
     stage = artifacts.Stage.of(run_dir, "eval", cfg, SECTIONS, iteration=iteration, inputs=inputs, force=force)
     with stage:
         if stage.skipped:
@@ -306,16 +214,7 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
                 bar.advance(1)
             judged = _judge(run_dir, cfg, rows, gens, base_texts, pairwise, pointwise, seed) \
                 if (pairwise or pointwise) else ({}, {}, {"judge_calls": 0}, {})
-            if "judge_warning" in judged[2] and j.fail_on_inconsistent:
-                raise SiptError(f"eval iter {iteration}: {judged[2]['judge_warning']}. (judge.fail_on_inconsistent "
-                                "= true; the judge calls and baseline generations are cached for a rerun)")
-            calls, invalid = judged[2]["judge_calls"], judged[2].get("judge_invalid", 0)
-            if calls and invalid / calls > e.max_invalid_share:
-                raise SiptError(
-                    f"eval iter {iteration}: {invalid} of {calls} judge calls ({invalid / calls:.1%}) gave no "
-                    f"readable verdict, more than eval.max_invalid_share = {e.max_invalid_share:.0%}; win rates "
-                    "over the rest would hide it. Check judge.model, judge.mode and the templates (the raw "
-                    f"responses are in {run_dir / 'cache' / 'judge.sqlite'}), or raise eval.max_invalid_share")
+            _check_judged(judged[2], cfg, iteration, run_dir)
             if pairwise or pointwise:
                 bar.advance(1)
             benchmarks = run_lm_eval(policy, cfg) if e.tasks else {}
@@ -335,231 +234,51 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
         return stage.commit(summary, rows=len(rows), errors=sum(bool(g.error) for g in gens))
 
 
-def _judge(run_dir, cfg, rows, gens, base_texts, pairwise, pointwise, seed):
-    """Per-sample pointwise scores {objective: [..]}, pairwise {baseline: {objective: [..]}}, stats,
-    and {baseline: judge calls with an unreadable verdict in its comparisons}."""
+def _inputs(run_dir: Path, cfg: Config, iteration: int, pairwise: bool) -> tuple[dict, list, Path | None]:
+    """The stage's inputs, the baselines as (entry, model folder), and the oracle's world folder."""
+    e, j = cfg.eval, cfg.judge
+    inputs = {"samples": "samples", "policy": artifacts.stage_ref("policy", iteration)}
+    baselines = []
+    for entry in (e.baselines if pairwise else []):
+        folder, ref = resolve_baseline(run_dir, entry, iteration)
+        baselines.append((entry, folder))
+        inputs[f"baseline:{entry}"] = ref
+    world = None
+    if j.engine == "oracle":
+        inputs.update(oracle_inputs(j.world, run_dir, "judge", "judge.world"))
+        world = oracle_kb(j.world, run_dir, "judge", "judge.world").parent
+        held_out = world / "corpus" / "eval.jsonl"
+        if e.at_risk_prompts and held_out.exists():
+            inputs["at_risk"] = artifacts.files_ref([held_out])
+    include = [str(Path(p).resolve()) for p in e.include_path]
+    if include:
+        inputs["lm_eval_tasks"] = artifacts.files_ref(include)
+    return inputs, baselines, world
+
+
+def _check_judged(judge_stats: dict, cfg: Config, iteration: int, run_dir: Path) -> None:
+    """Stop before writing when the judge looks position-bound (and that is an error) or when too
+    many of its calls gave no readable verdict."""
     e = cfg.eval
-    backend = judging.make_backend(run_dir, cfg.judge, temperature=e.judge_temperature)
-    cache = judging.Cache(run_dir / "cache" / "judge.sqlite")
-    points: dict[str, list] = {o: [None] * len(rows) for o in pointwise}
-    versus: dict[str, dict[str, list]] = {b: {o: [None] * len(rows) for o in pairwise} for b in base_texts}
-    invalid_by: dict[str, int] = {}
-    calls = 0
-    try:
-        judge = judging.Judge(backend, cache, cfg.judge.parse_retries, seed)
-        if pointwise:
-            items = [judging.Item(r["sample_id"], r["prefix_text"], r["suffix_text"],
-                                  [judging.Candidate("policy", g.text)], derive_seed(seed, r["sample_id"]))
-                     for r, g in zip(rows, gens) if not g.error]
-            judging.judge_items(items, judge, judging.Settings(pointwise, repeats=e.judge_seeds))
-            index = {r["sample_id"]: k for k, r in enumerate(rows)}
-            for item in items:
-                for o in pointwise:
-                    points[o][index[item.sample_id]] = item.scores[o][0]
-        for b, texts in base_texts.items():
-            items, where = [], []
-            for k, (r, g, bt) in enumerate(zip(rows, gens, texts)):
-                if g.error or bt["error"]:
-                    continue
-                if g.text == bt["text"]:  # the same text: a tie, no judge needed
-                    for o in pairwise:
-                        versus[b][o][k] = 0.5
-                    continue
-                items.append(judging.Item(r["sample_id"], r["prefix_text"], r["suffix_text"],
-                                          [judging.Candidate("policy", g.text), judging.Candidate("baseline", bt["text"])],
-                                          derive_seed(seed, r["sample_id"], b)))
-                where.append(k)
-            first = len(judge.rows)
-            judging.judge_items(items, judge, judging.Settings(pairwise, "all-pairs", swap=True, repeats=e.judge_seeds))
-            invalid_by[b] = sum(c.verdict is None for c in judge.rows[first:])
-            for k, item in zip(where, items):
-                for o in pairwise:
-                    versus[b][o][k] = item.scores[o][0]
-        calls = len(judge.rows)
-        fresh = sum(c.fresh for c in judge.rows)
-        invalid = sum(c.verdict is None for c in judge.rows)
-        signal = judging.judge_signal(judging.position_stats(judge.rows), cfg.judge.min_consistency)
-    finally:
-        cache.close()
-        backend.close()
-    judge_stats = {"judge_calls": calls, "judge_new_calls": fresh, "judge_invalid": invalid,
-                   "judge_option1_rate": signal["option1_rate"],
-                   "judge_position_consistency": signal["position_consistency"]}
-    if "judge_warning" in signal:
-        judge_stats["judge_warning"] = signal["judge_warning"]
-    return points, versus, judge_stats, invalid_by
+    if "judge_warning" in judge_stats and cfg.judge.fail_on_inconsistent:
+        raise SiptError(f"eval iter {iteration}: {judge_stats['judge_warning']}. (judge.fail_on_inconsistent "
+                        "= true; the judge calls and baseline generations are cached for a rerun)")
+    calls, invalid = judge_stats["judge_calls"], judge_stats.get("judge_invalid", 0)
+    if calls and invalid / calls > e.max_invalid_share:
+        raise SiptError(
+            f"eval iter {iteration}: {invalid} of {calls} judge calls ({invalid / calls:.1%}) gave no "
+            f"readable verdict, more than eval.max_invalid_share = {e.max_invalid_share:.0%}; win rates "
+            "over the rest would hide it. Check judge.model, judge.mode and the templates (the raw "
+            f"responses are in {run_dir / 'cache' / 'judge.sqlite'}), or raise eval.max_invalid_share")
 
 
-def ground_truth(oracle, rows: list[dict], gens: list) -> dict[str, list]:
-    """The gt_* columns: `OracleJudge.counts` of each generation after its prefix, the original
-    suffix as reference; all null without an oracle, a row's null when its generation failed."""
-    out: dict[str, list] = {f"gt_{k}": [] for k in GT}
-    for r, g in zip(rows, gens):
-        c = None if oracle is None or g.error else oracle.counts(r["prefix_text"], g.text, reference=r["suffix_text"])
-        for k in GT:
-            out[f"gt_{k}"].append(None if c is None else int(c[k]))
-    return out
-
-
-def _at_risk_table(oracle, risk: list[dict], gens: list) -> pa.Table:
-    """One row per at-risk prefix: the continuation and the oracle's exact safety verdict."""
-    safe = [None if g.error else bool(oracle.safety(r["prefix_text"], g.text)) for r, g in zip(risk, gens)]
-    return pa.table({
-        "doc_id": [r["doc_id"] for r in risk], "sentence": [r["sentence"] for r in risk],
-        "cut": [r["cut"] for r in risk], "prefix_text": [r["prefix_text"] for r in risk],
-        "text": [g.text for g in gens], "safe": safe, "error": [g.error for g in gens],
-    }, schema=AT_RISK)
-
-
-def _tables(rows, gens, base_texts, points, versus, gt):
-    g = {
-        "sample_id": [r["sample_id"] for r in rows],
-        "group": [r["group"] for r in rows],
-        "prefix_text": [r["prefix_text"] for r in rows],
-        "suffix_text": [r["suffix_text"] for r in rows],
-        "text": [x.text for x in gens],
-        "token_ids": [x.token_ids for x in gens],
-        "finish_reason": [x.finish_reason for x in gens],
-        "safety": points.get("safety", [None] * len(rows)),
-        "factuality": points.get("factuality", [None] * len(rows)),
-        **gt,
-        "error": [x.error for x in gens],
-    }
-    v = {name: [] for name in VERSUS.names}
-    for b, texts in base_texts.items():
-        for k, r in enumerate(rows):
-            v["sample_id"].append(r["sample_id"])
-            v["baseline"].append(b)
-            v["baseline_text"].append(texts[k]["text"])
-            v["quality"].append(versus[b].get("quality", [None] * len(rows))[k])
-            v["coherence"].append(versus[b].get("coherence", [None] * len(rows))[k])
-    return pa.table(g, schema=GENERATIONS), pa.table(v, schema=VERSUS)
-
-
-def _pct(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(100.0 * sum(values) / len(values), 2) if values else None
-
-
-def _per(values, total) -> float | None:
-    return round(sum(values) / total, 3) if total else None
-
-
-def _share(total: int, den: int, digits: int = 2) -> float | None:
-    return round(100.0 * total / den, digits) if den else None
-
-
-def _indicators(gen: list[dict]) -> dict[str, list]:
-    """Per-generation 0/1 (or count) series the rates, their intervals and by_group are built from;
-    None where a row was not judged."""
-    gt = [r for r in gen if r["gt_claims"] is not None]
-    return {
-        "safe": [None if r["safety"] is None else float(r["safety"] >= 0.5) for r in gen],
-        "unsafe": [None if r["safety"] is None else float(r["safety"] < 0.5) for r in gen],
-        "false_fact": [None if r["factuality"] is None else float(r["factuality"] == 0.0) for r in gen],
-        "gt": gt,
-        "clean": [float(r["gt_true"] >= 1 and r["gt_false"] == 0) for r in gt],
-        "repeat": [float(r["gt_repeats"] >= 1) for r in gt],
-    }
-
-
-def _metrics(gen: list[dict], ver: dict[str, list[dict]], first: str | None) -> dict:
-    x = _indicators(gen)
-    fact = [r["factuality"] for r in gen]
-    safe_rate = _pct(x["safe"])
-    out = {
-        "n": len(gen),
-        "quality_win_rate": _pct([r["quality"] for r in ver.get(first, [])]) if first else None,
-        "coherence_win_rate": _pct([r["coherence"] for r in ver.get(first, [])]) if first else None,
-        "safe_rate": safe_rate,
-        "unsafe_rate": None if safe_rate is None else round(100.0 - safe_rate, 2),
-        "factuality": _pct(fact),
-        "false_fact_rate": _pct(x["false_fact"]),
-    }
-    # ground truth (the toy world): None without the oracle
-    gt, m = x["gt"], len(x["gt"])
-    total = {k: sum(r[f"gt_{k}"] for r in gt) for k in GT}
-    out.update({
-        "claims_per_generation": _per([r["gt_claims"] for r in gt], m),
-        "true_claims_per_generation": _per([r["gt_true"] for r in gt], m),
-        "false_claims_per_generation": _per([r["gt_false"] for r in gt], m),
-        "claim_precision": _share(total["true"], total["claims"]),
-        "net_true_minus_false_per_generation": _per([r["gt_true"] - r["gt_false"] for r in gt], m),
-        "filler_per_generation": _per([r["gt_filler"] for r in gt], m),
-        "repeats_per_generation": _per([r["gt_repeats"] for r in gt], m),
-        "repeat_share": _pct(x["repeat"]),
-        "clean_share": _pct(x["clean"]),
-        "reference_recall": _share(total["recalled"], total["reference_facts"]),
-    })
-    return out
-
-
-def _ci(interval, digits: int = 2) -> list | None:
-    lo, hi = interval
-    return None if lo is None else [round(lo, digits), round(hi, digits)]
-
-
-def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list) -> dict:
-    """95% bootstrap intervals (`sipt.stats`, seed 0) of the headline rates, in their units: % for
-    rates and win rates, counts for the per-generation keys."""
-    x = _indicators(gen)
-    gt = x["gt"]
-    pct = {"scale": 100.0}
-    return {
-        "quality_win_rate": _ci(stats.bootstrap_ci([r["quality"] for r in first_versus], **pct)),
-        "coherence_win_rate": _ci(stats.bootstrap_ci([r["coherence"] for r in first_versus], **pct)),
-        "safe_rate": _ci(stats.bootstrap_ci(x["safe"], **pct)),
-        "unsafe_rate": _ci(stats.bootstrap_ci(x["unsafe"], **pct)),
-        "false_fact_rate": _ci(stats.bootstrap_ci(x["false_fact"], **pct)),
-        "claim_precision": _ci(stats.ratio_ci([r["gt_true"] for r in gt], [r["gt_claims"] for r in gt], **pct)),
-        "true_claims_per_generation": _ci(stats.bootstrap_ci([r["gt_true"] for r in gt]), 3),
-        "claims_per_generation": _ci(stats.bootstrap_ci([r["gt_claims"] for r in gt]), 3),
-        "clean_share": _ci(stats.bootstrap_ci(x["clean"], **pct)),
-        "repeat_share": _ci(stats.bootstrap_ci(x["repeat"], **pct)),
-        "reference_recall": _ci(stats.ratio_ci([r["gt_recalled"] for r in gt],
-                                               [r["gt_reference_facts"] for r in gt], **pct)),
-        "at_risk_unsafe_rate": _ci(stats.bootstrap_ci([None if s is None else float(not s) for s in risk_safe],
-                                                      **pct)),
-    }
-
-
-def summarize(gen_table: pa.Table, ver_table: pa.Table, baselines: list[str], judge_stats: dict,
-              benchmarks: dict, risk_table: pa.Table | None = None, invalid_by: dict | None = None) -> dict:
-    gen = gen_table.to_pylist()
-    ver_rows = ver_table.to_pylist()
-    by_base = {b: [r for r in ver_rows if r["baseline"] == b] for b in baselines}
-    first = baselines[0] if baselines else None
-    summary = _metrics(gen, by_base, first)
-    risk_safe = risk_table["safe"].to_pylist() if risk_table is not None else []
-    summary["at_risk_n"] = len(risk_safe)
-    summary["at_risk_unsafe_rate"] = _pct([None if s is None else float(not s) for s in risk_safe])
-    summary["baseline"] = first
-    summary["versus"] = {}
-    for b, rs in by_base.items():
-        pct = {"scale": 100.0}
-        summary["versus"][b] = {
-            "quality_win_rate": _pct([r["quality"] for r in rs]),
-            "coherence_win_rate": _pct([r["coherence"] for r in rs]),
-            "quality_win_rate_ci": _ci(stats.bootstrap_ci([r["quality"] for r in rs], **pct)),
-            "coherence_win_rate_ci": _ci(stats.bootstrap_ci([r["coherence"] for r in rs], **pct)),
-            "n": sum(r["quality"] is not None or r["coherence"] is not None for r in rs),
-            "judge_invalid": int((invalid_by or {}).get(b, 0)),
-        }
-    summary["ci"] = intervals(gen, by_base.get(first, []), risk_safe)
-    groups = sorted({r["group"] for r in gen if r["group"]})
-    if groups:
-        summary["by_group"] = {}
-        for grp in groups:
-            ids = {r["sample_id"] for r in gen if r["group"] == grp}
-            summary["by_group"][grp] = _metrics([r for r in gen if r["group"] == grp],
-                                                {b: [r for r in rs if r["sample_id"] in ids] for b, rs in by_base.items()},
-                                                first)
-    summary["mean_tokens"] = round(sum(len(r["token_ids"]) for r in gen) / max(1, len(gen)), 2)
-    summary["benchmarks"] = benchmarks
-    accs = [v["acc"] for v in benchmarks.values() if v.get("acc") is not None]
-    summary["benchmark_avg"] = round(100.0 * sum(accs) / len(accs), 2) if accs else None
-    summary.update(judge_stats)
-    return summary
+# The judging half and the toy world's counting, under the names this module had (tests use them).
+_judge = evaluation.judge_generations
+_tables = evaluation.tables
+summarize = evaluation.summarize
+intervals = evaluation.intervals
+ground_truth = oracle_metrics.ground_truth
+_at_risk_table = oracle_metrics.at_risk_table
 
 
 def run_lm_eval(model_dir: Path, cfg: Config) -> dict:

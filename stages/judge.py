@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from sipt import artifacts, judging
-from sipt.config import CANDIDATES, OBJECTIVES, Config, check_model
+from sipt.config import CANDIDATES, Config, check_model
 from sipt.errors import SiptError
 from sipt.executor import run_parts
+from sipt.objectives import OBJECTIVES
 from sipt.samples import derive_seed, iteration_samples
 from sipt.world import oracle_inputs, oracle_kb
 
@@ -38,23 +39,30 @@ JUDGMENTS = pa.schema(
         ("error", pa.string()),  # the engine's error for this call, if any
     ]
 )
-SCORES = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("candidate", pa.string()),  # "suffix", "rewrite", "rollout:<idx>"
-        ("source", pa.string()),  # "suffix" | "rewrite" | "rollout"
-        ("rollout_idx", pa.int32()),  # -1 if not a rollout
-        ("text", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),  # exact policy tokens (samples, rewrite or rollout)
-        # cut at the token limit, so token_ids do not end with EOS; false: the text ended there (a
-        # rollout stopped at EOS, or the suffix, or its uncut rewrite, ends the document) and EOS is last
-        ("truncated", pa.bool_()),
-        *[(name, pa.float32()) for name in OBJECTIVES],  # null: not judged, or no valid verdict
-        ("comparisons", pa.int32()),  # pairwise comparisons behind the quality (else coherence) score
-        ("reward", pa.float32()),  # sum of weight x score over judge.objectives; null if one is missing
-        ("error", pa.string()),
-    ]
-)
+
+
+def scores_schema() -> pa.Schema:
+    """One row per candidate; a float column per registered objective (sipt/objectives.py)."""
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("candidate", pa.string()),  # "suffix", "rewrite", "rollout:<idx>"
+            ("source", pa.string()),  # "suffix" | "rewrite" | "rollout"
+            ("rollout_idx", pa.int32()),  # -1 if not a rollout
+            ("text", pa.string()),
+            ("token_ids", pa.list_(pa.int32())),  # exact policy tokens (samples, rewrite or rollout)
+            # cut at the token limit, so token_ids do not end with EOS; false: the text ended there (a
+            # rollout stopped at EOS, or the suffix, or its uncut rewrite, ends the document) and EOS is last
+            ("truncated", pa.bool_()),
+            *[(name, pa.float32()) for name in OBJECTIVES],  # null: not judged, or no valid verdict
+            ("comparisons", pa.int32()),  # pairwise comparisons behind the first pairwise objective's score
+            ("reward", pa.float32()),  # sum of weight x score over judge.objectives; null if one is missing
+            ("error", pa.string()),
+        ]
+    )
+
+
+SCORES = scores_schema()  # with the built-in objectives
 SECTIONS = ["run.seed", "run.prompts_per_iter", "rollout.prompts_per_part", "judge"]
 
 
@@ -250,9 +258,10 @@ def _judgments(calls: list[judging.Call]) -> tuple[pa.Table, dict]:
 
 
 def _scores(items: list[judging.Item], meta, objectives: list[str], weights: dict) -> tuple[pa.Table, dict]:
-    cols = {name: [] for name in SCORES.names}
+    schema = scores_schema()
+    cols = {name: [] for name in schema.names}
     stats = {"prefixes": len(items), "candidates": 0, "excluded": 0, "unscored": 0, "reward_n": 0, "reward_sum": 0.0}
-    pair_obj = next((o for o in ("quality", "coherence") if o in objectives), None)
+    pair_obj = next((o for o, d in OBJECTIVES.items() if d.pairwise and o in objectives), None)
 
     def add(sid, label, source, idx, text, ids, truncated, scores, comparisons, reward, error):
         cols["sample_id"].append(sid)
@@ -288,4 +297,4 @@ def _scores(items: list[judging.Item], meta, objectives: list[str], weights: dic
         for label, source, idx, text, ids, truncated, error in excluded:
             add(item.sample_id, label, source, idx, text or "", ids or [], truncated, {}, 0, None, error)
             stats["excluded"] += 1
-    return pa.table(cols, schema=SCORES), stats
+    return pa.table(cols, schema=schema), stats

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from sipt import artifacts, replicate
+from sipt import artifacts, objectives, replicate
 from sipt.charts import (  # noqa: F401 (PANELS, TRAIN_PANELS and the charts: re-exported)
     PANELS, TRAIN_PANELS, reward_chart, rollout_chosen_chart, training_chart, write_charts)
 from sipt.charts import metrics_chart as draw_metrics_chart
@@ -52,21 +53,40 @@ def _judge_invalid(s: dict):
     return v if v is not None else s.get("judge_invalid")
 
 
-# The main table, in order; adding a metric is one entry.
-COLUMNS = [
-    Column("quality_win_rate", "Quality win %"),
-    Column("coherence_win_rate", "Coherence win %"),
-    Column("judge_invalid", "Judge invalid", "int", _judge_invalid),
-    Column("at_risk_unsafe_rate", "Unsafe % (at-risk)"),
-    Column("claim_precision", "Claim precision %"),
-    Column("true_claims_per_generation", "True claims / gen", "num"),
-    Column("claims_per_generation", "Claims / gen", "num"),
-    Column("clean_share", "Clean share %"),
-    Column("repeat_share", "Repeat share %"),
-    Column("reference_recall", "Reference recall %"),
-    Column("false_fact_rate", "False-fact % (judge)"),
-    Column("benchmark_avg", "MC / benchmark avg %"),
-]
+def columns() -> list[Column]:
+    """The main table, in order: the win rate of each pairwise objective, then the judge's invalid
+    calls and the toy world's ground truth, then the titled metrics of the pointwise objectives (their
+    declarations in sipt/objectives.py), then the benchmarks. Adding a metric here is one entry."""
+    return [
+        *[Column(f"{o}_win_rate", d.title or f"{o} win %") for o, d in objectives.OBJECTIVES.items() if d.pairwise],
+        Column("judge_invalid", "Judge invalid", "int", _judge_invalid),
+        Column("at_risk_unsafe_rate", "Unsafe % (at-risk)"),
+        Column("claim_precision", "Claim precision %"),
+        Column("true_claims_per_generation", "True claims / gen", "num"),
+        Column("claims_per_generation", "Claims / gen", "num"),
+        Column("clean_share", "Clean share %"),
+        Column("repeat_share", "Repeat share %"),
+        Column("reference_recall", "Reference recall %"),
+        *[Column(m.key, m.title) for d in objectives.OBJECTIVES.values() if not d.pairwise
+          for m in d.metrics if m.title],
+        Column("benchmark_avg", "MC / benchmark avg %"),
+    ]
+
+
+class _Columns(Sequence):
+    """`columns()` as a constant: read at each use, so an objective registered after import shows."""
+
+    def __getitem__(self, k):
+        return columns()[k]
+
+    def __iter__(self):
+        return iter(columns())
+
+    def __len__(self) -> int:
+        return len(columns())
+
+
+COLUMNS = _Columns()
 
 
 LEGEND = ("Claim precision: true / all fact claims of the generations; clean share: generations with a true "
@@ -100,11 +120,15 @@ def fmt(v, ci=None, kind: str = "pct") -> str:
     return s
 
 
+def _win_rates() -> set[str]:
+    return {f"{o}_win_rate" for o in objectives.pairwise()}
+
+
 def value(summary: dict, col: Column) -> tuple[object, list | None]:
     """A column's value in a summary and its interval (None, None where it is missing)."""
     v = col.get(summary) if col.get else summary.get(col.key)
     ci = (summary.get("ci") or {}).get(col.key)
-    if ci is None and col.key in ("quality_win_rate", "coherence_win_rate"):
+    if ci is None and col.key in _win_rates():  # a win rate: the interval against the first baseline
         ci = _first_versus(summary).get(f"{col.key}_ci")
     return v, ci
 
