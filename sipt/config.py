@@ -19,6 +19,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
+from sipt.engines import ENGINES, policy_engines
 from sipt.errors import SiptError
 from sipt.world import WorldConfig
 
@@ -162,7 +163,8 @@ class ModelConfig:
     )
 
 
-ENGINES = ("hf", "vllm", "openai", "oracle")
+# ENGINES (imported above) is the engine registry of sipt/engines/__init__.py: the `engine` choices
+# follow it, so a registered engine is a valid value with no edit here.
 
 
 @dataclass
@@ -467,25 +469,25 @@ def validate(cfg: "Config", where: str = "config") -> None:
     if d.min_prefix_tokens > d.max_prefix_tokens:
         raise SiptError(f"{where}: data.min_prefix_tokens = {d.min_prefix_tokens} is larger than "
                         f"data.max_prefix_tokens = {d.max_prefix_tokens}")
-    if cfg.rollout.engine == "oracle":
-        raise SiptError(f"{where}: rollout.engine = 'oracle': the oracle only judges and rewrites; use hf, vllm "
-                        "or openai")
-    if cfg.eval.engine == "oracle":
-        raise SiptError(f"{where}: eval.engine = 'oracle': the oracle only judges; the policy generates with hf, "
-                        "vllm or openai")
+    generators = policy_engines()
+    r, e = cfg.rollout.engine, cfg.eval.engine
+    if r in ENGINES and not ENGINES[r].policy:
+        raise SiptError(f"{where}: rollout.engine = '{r}': the {r} only judges and rewrites; use {generators}")
+    if e in ENGINES and not ENGINES[e].policy:
+        raise SiptError(f"{where}: eval.engine = '{e}': the {e} only judges; the policy generates with {generators}")
 
 
 def check_model(section: str, e: EngineConfig, *, required: bool = True) -> None:
     """An engine section's model must be given (unless `required` is False and it is empty) and, for
     the engines that load a folder (hf, vllm), be a Hugging Face model folder that exists."""
-    if e.engine == "oracle":
+    if e.engine in ENGINES and ENGINES[e.engine].build is None:  # the oracle: no model
         return
     if not e.model:
         if required:
             raise SiptError(f"{section}.model is empty: name the {section} model (a folder, or the served name "
                             "for openai)")
         return
-    if e.engine in ("hf", "vllm") and not (Path(e.model) / "config.json").is_file():
+    if e.engine in ENGINES and not ENGINES[e.engine].served and not (Path(e.model) / "config.json").is_file():
         what = "no such folder" if not Path(e.model).exists() else "not a Hugging Face model folder (no config.json)"
         raise SiptError(f"{section}.model = {e.model}: {what}; {section}.engine = '{e.engine}' loads a local "
                         "model folder (for a served model use engine = 'openai')")
