@@ -479,7 +479,8 @@ def validate(cfg: "Config", where: str = "config") -> None:
 
 def check_model(section: str, e: EngineConfig, *, required: bool = True) -> None:
     """An engine section's model must be given (unless `required` is False and it is empty) and, for
-    the engines that load a folder (hf, vllm), be a Hugging Face model folder that exists."""
+    the engines that load a folder (hf, vllm: not `served` in sipt.engines.ENGINES), be a Hugging Face
+    model folder that exists."""
     if e.engine in ENGINES and ENGINES[e.engine].build is None:  # the oracle: no model
         return
     if not e.model:

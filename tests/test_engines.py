@@ -103,3 +103,14 @@ def test_a_model_judge_answers_through_generate_many_whatever_the_engine():
     backend.run(calls, answered.append)
     assert [c.response for c in calls] == ["0:9", "1:4", "2:9"] and answered == [calls[1], calls[0], calls[2]]
     assert e.calls == [(1, 4), (2, 9)]
+
+
+def test_a_base_engine_subclass_must_still_write_generate(registry):
+    class Half(BaseEngine):
+        name = "half"
+
+        def close(self):
+            pass
+
+    with pytest.raises(SiptError, match="Half lacks generate, next_token_logprobs;"):
+        registry.register("half", Half)

@@ -102,8 +102,9 @@ REQUIRED = ("generate", "generate_text", "generate_many", "next_token_logprobs",
 
 class BaseEngine:
     """An engine from its `generate`: subclasses set `name`, `cfg` and `tokenizer` and implement
-    `generate`, `next_token_logprobs` and `close`; text prompts, the context manager and
-    `generate_many` (grouped by seed, one batched call per seed) come from here."""
+    `generate`, `next_token_logprobs` and `close` (left undefined here, so that `register` refuses a
+    subclass that forgot one); text prompts, the context manager and `generate_many` (grouped by
+    seed, one batched call per seed) come from here."""
 
     name: str = ""
     tokenizer: Any = None
@@ -130,15 +131,6 @@ class BaseEngine:
                 if done is not None:
                     done(i, g)
         return out
-
-    def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
-        raise NotImplementedError
-
-    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------- registry
