@@ -26,11 +26,13 @@ from sipt.config_toml import (  # noqa: F401 (re-exported)
     apply_overrides, coerce, load_toml, parse_override, suggest, toml_value,
 )
 from sipt import objectives as _objectives
+from sipt.engines import ENGINES, policy_engines  # noqa: F401 (ENGINES re-exported)
 from sipt.errors import SiptError
 from sipt.sections import DataConfig, ModelConfig, PairConfig, RunConfig, knob  # noqa: F401 (re-exported)
 from sipt.world import WorldConfig
 
-ENGINES = ("hf", "vllm", "openai", "oracle")
+# ENGINES (imported above) is the engine registry of sipt/engines/__init__.py: the `engine` choices
+# follow it, so a registered engine is a valid value with no edit here.
 
 
 @dataclass
@@ -278,15 +280,16 @@ def register_section(name: str, cls: type) -> None:
 
 def check_model(section: str, e: EngineConfig, *, required: bool = True) -> None:
     """An engine section's model must be given (unless `required` is False and it is empty) and, for
-    the engines that load a folder (hf, vllm), be a Hugging Face model folder that exists."""
-    if e.engine == "oracle":
+    the engines that load a folder (hf, vllm: not `served` in sipt.engines.ENGINES), be a Hugging Face
+    model folder that exists."""
+    if e.engine in ENGINES and ENGINES[e.engine].build is None:  # the oracle: no model
         return
     if not e.model:
         if required:
             raise SiptError(f"{section}.model is empty: name the {section} model (a folder, or the served name "
                             "for openai)")
         return
-    if e.engine in ("hf", "vllm") and not (Path(e.model) / "config.json").is_file():
+    if e.engine in ENGINES and not ENGINES[e.engine].served and not (Path(e.model) / "config.json").is_file():
         what = "no such folder" if not Path(e.model).exists() else "not a Hugging Face model folder (no config.json)"
         raise SiptError(f"{section}.model = {e.model}: {what}; {section}.engine = '{e.engine}' loads a local "
                         "model folder (for a served model use engine = 'openai')")

@@ -56,10 +56,12 @@ def validate(cfg: "Config", where: str = "config") -> None:
     if d.min_prefix_tokens > d.max_prefix_tokens:
         raise SiptError(f"{where}: data.min_prefix_tokens = {d.min_prefix_tokens} is larger than "
                         f"data.max_prefix_tokens = {d.max_prefix_tokens}")
-    if cfg.rollout.engine == "oracle":
-        raise SiptError(f"{where}: rollout.engine = 'oracle': the oracle only judges and rewrites; use hf, vllm "
-                        "or openai")
-    if cfg.eval.engine == "oracle":
-        raise SiptError(f"{where}: eval.engine = 'oracle': the oracle only judges; the policy generates with hf, "
-                        "vllm or openai")
+    from sipt.engines import ENGINES, policy_engines
+
+    generators = policy_engines()
+    r, e = cfg.rollout.engine, cfg.eval.engine
+    if r in ENGINES and not ENGINES[r].policy:
+        raise SiptError(f"{where}: rollout.engine = '{r}': the {r} only judges and rewrites; use {generators}")
+    if e in ENGINES and not ENGINES[e].policy:
+        raise SiptError(f"{where}: eval.engine = '{e}': the {e} only judges; the policy generates with {generators}")
 

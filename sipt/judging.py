@@ -31,7 +31,6 @@ rerun or a resumed stage makes no call twice. A response without a readable verd
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator
 
+from sipt.backends import EngineBackend, OracleBackend, make_backend  # noqa: F401 (re-exported: stages call judging.make_backend)
 from sipt.errors import SiptError
 from sipt.objectives import (  # noqa: F401 - re-exported: judge backends and tests read them here
     OBJECTIVES, PROMPTS, Objective, load_template, parse_coherence, parse_factuality, parse_quality, parse_safety,
@@ -106,137 +106,6 @@ def call_key(model: str, prompt: str, sampling: dict, seed: int) -> str:
     return hashlib.sha256(json.dumps([model, prompt, sampling, seed], sort_keys=True).encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------- backends
-
-class OracleBackend:
-    """The toy world's exact judge (sipt.oracle): raw responses in the verdict formats of an LLM."""
-
-    mode = "generate"
-
-    def __init__(self, kb_path: Path, noise: float = 0.0):
-        from sipt.artifacts import content_fingerprint
-        from sipt.oracle import ORACLE_VERSION, OracleJudge
-
-        self.base = OracleJudge(kb_path, noise=noise, seed=0)
-        # keyed by the knowledge base's bytes: a copied or moved run (and its world) reuses its cache
-        self.model = f"oracle-v{ORACLE_VERSION}:{content_fingerprint(Path(kb_path))}:noise={noise}"
-        self._by_seed: dict[int, object] = {}
-
-    def identity(self, c: Call) -> tuple[str, dict]:
-        return json.dumps([c.objective, c.prefix, c.texts, c.reference]), {}
-
-    def _judge(self, seed: int):
-        if seed not in self._by_seed:  # copies share the KB and the analysis cache; only the seed differs
-            j = copy.copy(self.base)
-            j.seed = seed
-            self._by_seed[seed] = j
-        return self._by_seed[seed]
-
-    def run(self, calls: list[Call], done: Callable[[Call], None]) -> None:
-        for c in calls:
-            c.response = self._judge(c.seed).respond(c.objective, c.prefix, list(c.texts), c.reference)
-            done(c)
-
-    def close(self) -> None:
-        pass
-
-
-class EngineBackend:
-    """A model judge on an engine (hf, vllm, openai): generate mode or logprob mode."""
-
-    def __init__(self, engine, model_id: str, templates: dict[str, str], mode: str, chat: bool,
-                 temperature: float, top_p: float, max_new_tokens: int):
-        self.engine, self.model, self.templates, self.mode, self.chat = engine, model_id, templates, mode, chat
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self._options: dict[str, tuple[list[int], list[int]]] = {}
-
-    def prompt(self, c: Call) -> str:
-        if len(c.texts) == 2:
-            return render(self.templates[c.objective], prefix=c.prefix, option_1=c.texts[0], option_2=c.texts[1])
-        return render(self.templates[c.objective], prefix=c.prefix, candidate=c.texts[0], reference=c.reference)
-
-    def identity(self, c: Call) -> tuple[str, dict]:
-        if self.mode == "logprob":
-            o = OBJECTIVES[c.objective]
-            return self.prompt(c), {"mode": "logprob", "chat": self.chat, "answer": o.answer_prefix,
-                                    "options": [t for t, _ in o.options]}
-        return self.prompt(c), {"mode": "generate", "chat": self.chat, "temperature": self.temperature,
-                                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
-
-    def run(self, calls: list[Call], done: Callable[[Call], None]) -> None:
-        """Answer `calls`, calling `done` (in this thread) as each is answered: in-process engines
-        answer a batch at once, the openai engine one request at a time."""
-        if self.mode == "logprob":
-            for objective in sorted({c.objective for c in calls}):
-                group = [c for c in calls if c.objective == objective]
-                self._logprobs(objective, group)
-                for c in group:
-                    done(c)
-            return
-        from sipt.engines import Sampling
-
-        def sampling(seed: int) -> Sampling:
-            return Sampling(n=1, temperature=self.temperature, top_p=self.top_p,
-                            max_new_tokens=self.max_new_tokens, seed=seed % (2**31))
-
-        if self.engine.name == "openai":
-            from concurrent.futures import ThreadPoolExecutor, as_completed
-
-            with ThreadPoolExecutor(max_workers=max(1, self.engine.cfg.concurrency)) as pool:
-                futures = {pool.submit(self.engine.generate_text, [c.prompt], sampling(c.seed), self.chat): c
-                           for c in calls}
-                for f in as_completed(futures):
-                    c, g = futures[f], f.result()[0][0]
-                    c.response, c.error = g.text, g.error
-                    done(c)
-            return
-        for seed in sorted({c.seed for c in calls}):
-            group = [c for c in calls if c.seed == seed]
-            gens = self.engine.generate_text([c.prompt for c in group], sampling(seed), chat=self.chat)
-            for c, g in zip(group, gens):
-                c.response, c.error = g[0].text, g[0].error
-                done(c)
-
-    def option_tokens(self, objective: str) -> tuple[list[int], list[int]]:
-        """(token ids of the forced answer prefix, first token id of each option after it)."""
-        if objective not in self._options:
-            tok = self.engine.tokenizer
-            o = OBJECTIVES[objective]
-            fulls = [tok(o.answer_prefix + text, add_special_tokens=False).input_ids for text, _ in o.options]
-            # The forced answer is the tokens all options share ("Conclusion: Option" and, where a
-            # tokenizer splits " 1" into " " + "1", the space); each option is its next token.
-            k = min(_common(full, fulls[0]) for full in fulls)
-            head, firsts = fulls[0][:k], [full[k] if k < len(full) else -1 for full in fulls]
-            if -1 in firsts or len(set(firsts)) != len(firsts):
-                raise SiptError(f"judge.mode = 'logprob': the {objective} verdict options "
-                                f"{[t for t, _ in o.options]} do not begin with distinct tokens in this "
-                                "model's tokenizer; use mode = 'generate'")
-            self._options[objective] = (head, firsts)
-        return self._options[objective]
-
-    def _logprobs(self, objective: str, calls: list[Call]) -> None:
-        from sipt.engines import encode_prompts
-
-        head, firsts = self.option_tokens(objective)
-        tok = self.engine.tokenizer
-        if self.chat:
-            ids = encode_prompts(tok, [c.prompt for c in calls], True)
-        else:
-            ids = encode_prompts(tok, [c.prompt + "\n" for c in calls], False)
-        rows = self.engine.next_token_logprobs([[*p, *head] for p in ids], firsts)
-        names = [t for t, _ in OBJECTIVES[objective].options]
-        for c, row in zip(calls, rows):
-            c.response = json.dumps({n.strip(): round(lp, 6) for n, lp in zip(names, row)})
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    return k
 
 
 class Judge:
@@ -612,24 +481,3 @@ def select_pair(rewards: list[float | None], method: str, rng: random.Random,
     chosen = rng.choice([k for k in ok if rewards[k] == hi])
     rejected = rng.choice([k for k in ok if rewards[k] == lo]) if method == "dpo" else None
     return chosen, rejected, ""
-
-
-def make_backend(run_dir: Path, j, temperature: float | None = None):
-    """The judge backend a [judge] section names: the toy world's oracle or a model on an engine.
-    `temperature` overrides the section's (the eval stage judges at its own temperature)."""
-    if j.engine == "oracle":
-        from sipt.world import oracle_kb
-
-        return OracleBackend(oracle_kb(j.world, run_dir, "judge", "judge.world"), j.noise)
-    from sipt import artifacts
-    from sipt.engines import make_engine
-
-    templates = {o: load_template(o, j.templates.get(o, "")) for o in OBJECTIVES}
-    engine = make_engine(j)
-    model_id = j.model  # in the cache key: a folder by its files' contents (wherever it is), a server by its address
-    if Path(j.model, "config.json").exists():
-        model_id = f"folder@{artifacts.content_fingerprint(Path(j.model))}"
-    elif j.engine == "openai":
-        model_id = f"{j.base_url}|{j.model}"
-    return EngineBackend(engine, model_id, templates, j.mode, j.chat,
-                         j.temperature if temperature is None else temperature, j.top_p, j.max_new_tokens)

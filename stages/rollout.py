@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from sipt import artifacts
 from sipt.config import Config, check_model
-from sipt.engines import Sampling, make_engine
+from sipt.engines import ENGINES, Sampling, make_engine, policy_engines
 from sipt.errors import SiptError
 from sipt.executor import run_parts
 from sipt.samples import derive_seed, iteration_samples, policy_prompt, tokenizer_bos
@@ -44,8 +44,8 @@ def sampling(cfg: Config, seed: int) -> Sampling:
 def check(cfg: Config, run_dir: Path) -> None:
     """What can be checked before any work (and before the command freezes its config)."""
     r = cfg.rollout
-    if r.engine == "oracle":
-        raise SiptError("rollout.engine = 'oracle': the oracle only judges and rewrites; use hf, vllm or openai")
+    if r.engine in ENGINES and not ENGINES[r.engine].policy:
+        raise SiptError(f"rollout.engine = '{r.engine}': the {r.engine} only judges and rewrites; use {policy_engines()}")
     if r.n < 1 or r.prompts_per_part < 1:
         raise SiptError("rollout.n and rollout.prompts_per_part must be >= 1")
     check_model("rollout", r, required=False)  # empty: the iteration's policy

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sipt.engines import EngineConfig, Generation, Sampling
+from sipt.config import EngineConfig
+from sipt.engines import BaseEngine, Generation, Sampling
 from sipt.errors import SiptError
 
 
@@ -58,7 +59,7 @@ def _repeat_cache(cache, n: int) -> None:
             layer.batch_size *= n
 
 
-class HFEngine:
+class HFEngine(BaseEngine):
     name = "hf"
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig):
@@ -82,12 +83,6 @@ class HFEngine:
         # transformers 5.2x renamed `past_key_values` to `cache`; support both.
         self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.static = cfg.static_cache
-
-    def __enter__(self) -> "HFEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self.model = None
@@ -119,11 +114,6 @@ class HFEngine:
         from transformers import StaticCache
 
         return StaticCache(config=self.model.config, max_cache_len=length)
-
-    def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
-        from sipt.engines import encode_prompts
-
-        return self.generate(encode_prompts(self.tokenizer, prompts, chat), s)
 
     @torch.inference_mode()
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:

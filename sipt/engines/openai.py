@@ -15,11 +15,12 @@ import random
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable
 
 from sipt.config import EngineConfig
-from sipt.engines import Generation, Sampling
+from sipt.engines import BaseEngine, Generation, Sampling
 from sipt.errors import SiptError, StageInterrupted
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -34,7 +35,7 @@ class RequestRejected(ServerError):
     a prompt longer than its context): that request fails, the stage goes on."""
 
 
-class OpenAIEngine:
+class OpenAIEngine(BaseEngine):
     name = "openai"
 
     def __init__(self, model: str, cfg: EngineConfig, tokenizer_dir: str | Path | None = None):
@@ -50,12 +51,6 @@ class OpenAIEngine:
 
             self.tokenizer = AutoTokenizer.from_pretrained(local)
         self.model = model if not local else self._served_name(str(local))
-
-    def __enter__(self) -> "OpenAIEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         pass
@@ -136,11 +131,17 @@ class OpenAIEngine:
 
     def generate(self, prompts: list[list[int]], s: Sampling) -> list[list[Generation]]:
         """`s.n` continuations of each token-id prompt; request k is seeded with seed + k."""
-        return self._map([(p, k) for k, p in enumerate(prompts)], s, self._complete)
+        return self._each(prompts, [s.seed + k for k in range(len(prompts))], s, self._complete)
 
     def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
-        fn = self._chat if chat else self._complete
-        return self._map([(p, k) for k, p in enumerate(prompts)], s, fn)
+        """As `generate` for text prompts; with `chat`, through /v1/chat/completions."""
+        return self.generate_many(prompts, [s.seed + k for k in range(len(prompts))], s, chat)
+
+    def generate_many(self, prompts: list[str], seeds: list[int], s: Sampling, chat: bool = False,
+                      done: Callable[[int, list[Generation]], None] | None = None) -> list[list[Generation]]:
+        """One request per prompt, `concurrency` in flight, prompt i seeded with seeds[i] mod 2**31;
+        `done` runs in the caller's thread as each request is answered."""
+        return self._each(prompts, seeds, s, self._chat if chat else self._complete, done)
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Log-probabilities of `token_ids` as the next token after each token-id prompt (the judge's
@@ -192,13 +193,22 @@ class OpenAIEngine:
             gens.append(Generation(ids, text, None, "stop" if choice.get("finish_reason") == "stop" else "length"))
         return gens
 
-    def _map(self, items, s: Sampling, fn) -> list[list[Generation]]:
-        def one(item):
-            prompt, k = item
-            return fn(prompt, s, (s.seed + k) % (2**31))
-
+    def _each(self, prompts: list, seeds: list[int], s: Sampling, fn, done=None) -> list[list[Generation]]:
+        """fn(prompt, s, seed) for every prompt on the thread pool, answers in prompt order."""
+        out: list[list[Generation]] = [[] for _ in prompts]
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
-            return list(pool.map(one, items))
+            futures = {pool.submit(fn, p, s, seed % (2**31)): i for i, (p, seed) in enumerate(zip(prompts, seeds))}
+            try:
+                for f in as_completed(futures):
+                    i = futures[f]
+                    out[i] = f.result()
+                    if done is not None:
+                        done(i, out[i])
+            except BaseException:
+                for f in futures:  # a server that fails (or Ctrl-C) stops the requests not yet sent
+                    f.cancel()
+                raise
+        return out
 
 
 def _failed(n: int, why: str) -> list[Generation]:

@@ -12,11 +12,11 @@ import gc
 from pathlib import Path
 
 from sipt.config import EngineConfig
-from sipt.engines import Generation, Sampling
+from sipt.engines import BaseEngine, Generation, Sampling
 from sipt.errors import SiptError
 
 
-class VLLMEngine:
+class VLLMEngine(BaseEngine):
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig):
@@ -52,12 +52,6 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
 
-    def __enter__(self) -> "VLLMEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         if getattr(self, "llm", None) is None:
             return
@@ -84,11 +78,6 @@ class VLLMEngine:
         flat = [c for o in outs for c in o.outputs]
         texts = iter(self.tokenizer.batch_decode([list(c.token_ids) for c in flat], skip_special_tokens=True))
         return [[self._generation(c, next(texts)) for c in o.outputs] for o in outs]
-
-    def generate_text(self, prompts: list[str], s: Sampling, chat: bool = False) -> list[list[Generation]]:
-        from sipt.engines import encode_prompts
-
-        return self.generate(encode_prompts(self.tokenizer, prompts, chat), s)
 
     def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Log-probabilities of `token_ids` as the next token after each prompt (the judge's logprob
