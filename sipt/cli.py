@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from sipt import __version__
 from sipt import config as config_mod
+from sipt import schemes
 from sipt.cli_common import (  # noqa: F401 (app is the entry point's)
     ConfigOpt, EngineOpt, ExecutorOpt, ForceOpt, IterOpt, ProgressOpt, RunOpt, SetOpt, WorkersOpt, app, err,
     out, overrides,
@@ -146,7 +147,7 @@ def judge(
     iteration: IterOpt = 0,
     engine: Annotated[Optional[str], typer.Option("--engine", help="oracle, hf, vllm or openai (judge.engine).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Judge model folder or served name (judge.model).")] = None,
-    scheme: Annotated[Optional[str], typer.Option(help="all-pairs, pivot or knockout (judge.scheme).")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help=f"{schemes.names()} (judge.scheme).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="generate or logprob (judge.mode).")] = None,
     executor: ExecutorOpt = None,
     workers: WorkersOpt = None,

@@ -26,6 +26,7 @@ from sipt.config_toml import (  # noqa: F401 (re-exported)
     apply_overrides, coerce, load_toml, parse_override, suggest, toml_value,
 )
 from sipt import objectives as _objectives
+from sipt import schemes as _schemes
 from sipt.engines import ENGINES, policy_engines  # noqa: F401 (ENGINES re-exported)
 from sipt.errors import SiptError
 from sipt.sections import DataConfig, ModelConfig, PairConfig, RunConfig, knob  # noqa: F401 (re-exported)
@@ -120,10 +121,8 @@ class JudgeConfig(EngineConfig):
     )
     scheme: str = knob(
         "all-pairs",
-        "How pairwise objectives compare n candidates: all-pairs (the paper, C(n,2) comparisons), "
-        "pivot (each candidate against the original suffix, n) or knockout (a min-max tournament that "
-        "finds the best and the worst in about 1.5n).",
-        choices=("all-pairs", "pivot", "knockout"),
+        f"How pairwise objectives compare n candidates: {_schemes.described()}.",
+        choices=_schemes.SCHEMES,  # the live registry: a registered scheme is a valid value
     )
     swap: bool = knob(False, "Judge every comparison in both orders (cancels position bias; twice the calls).")
     repeats: int = knob(

@@ -4,23 +4,7 @@ Objectives are declared in sipt.objectives (prompt, kind, parser, verdict option
 parsers, `load_template` and `render` are importable from here as well. A pairwise verdict is the
 share of the comparison won by Option 1 (1, 0, 0.5 for a tie; a probability in logprob mode).
 
-Schemes for pairwise objectives (n candidates; a candidate's score is its mean win rate over the
-comparisons it took part in, a comparison counting the mean of its valid verdicts):
-  all-pairs  every pair once: C(n,2) comparisons (the paper).
-  pivot      every candidate against the original suffix: n comparisons, n-1 when the suffix is a
-             candidate itself. A candidate scores 1 or 0 (beat the suffix or not); the suffix, when it
-             is a candidate, scores the share of the others it beat.
-  knockout   a min-max tournament: candidates are paired at random (floor(n/2) comparisons), the
-             winners play a single-elimination bracket for the best and the losers one for the worst
-             (an odd one out enters both), floor(n/2) + 2(ceil(n/2) - 1) comparisons; then the best
-             meets the worst unless they already met. At most 1.5n comparisons (25 for n = 17,
-             against 136 for all-pairs). Under a consistent judge the two ends are exactly the best
-             and the worst, and a draw in their meeting means every candidate is equal (no pair). A
-             comparison whose verdicts split evenly (e.g. the two orders of `swap` disagree) is
-             replayed once with fresh samples; a draw that remains is decided by a seeded coin. The
-             tournament establishes only its ends, so the best scores 1, the worst 0 and every other
-             candidate 0.5 (win rates inside a tournament do not rank: with ties, a bracket's winner
-             can have a lower rate than someone it never met).
+Comparison schemes (all-pairs, pivot, knockout) are declared in sipt.schemes.
 `swap` judges each comparison in both orders; without it the order is a seeded coin per comparison.
 `repeats` = k judges every comparison and pointwise item k times with different seeds.
 
@@ -39,15 +23,16 @@ import random
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator
 
 from sipt.backends import EngineBackend, OracleBackend, make_backend  # noqa: F401 (re-exported: stages call judging.make_backend)
-from sipt.errors import SiptError
 from sipt.objectives import (  # noqa: F401 - re-exported: judge backends and tests read them here
     OBJECTIVES, PROMPTS, Objective, load_template, parse_coherence, parse_factuality, parse_quality, parse_safety,
     render, soft_verdict,
 )
 from sipt.samples import derive_seed
+from sipt.schemes import (  # noqa: F401 - re-exported
+    PIVOT, SCHEMES, Match, Scheme, all_pairs, comparisons_needed, knockout, pivot,
+)
 
 
 # ---------------------------------------------------------------------------------- calls + cache
@@ -168,83 +153,6 @@ class Judge:
         return c.verdict
 
 
-# ---------------------------------------------------------------------------------- schemes
-
-PIVOT = -1  # the original suffix as pivot when it is not itself a candidate
-Match = tuple[int, int, int]  # (i, j, block): block 0 = the first round of verdicts, 1 = a replay
-Scheme = Generator[list[Match], list[list[float]], "tuple[int, int] | None"]
-
-
-def all_pairs(n: int, rng: random.Random) -> Scheme:
-    yield [(i, j, 0) for i in range(n) for j in range(i + 1, n)]
-
-
-def pivot(n: int, rng: random.Random, pivot_index: int = PIVOT) -> Scheme:
-    yield [(i, pivot_index, 0) for i in range(n) if i != pivot_index]
-
-
-def knockout(n: int, rng: random.Random) -> Scheme:
-    """Best and worst by a min-max tournament (module docstring). Returns (best, worst), or None when
-    the two are judged equal (then, under a consistent judge, every candidate is)."""
-    order = list(range(n))
-    rng.shuffle(order)
-    met: dict[tuple[int, int], float] = {}  # (i, j) -> mean share won by i
-
-    def play(pairs):
-        results = yield [(i, j, 0) for i, j in pairs]
-        shares = [list(r) for r in results]
-        drawn = [k for k, s in enumerate(shares) if _split_evenly(s)]
-        if drawn:
-            again = yield [(pairs[k][0], pairs[k][1], 1) for k in drawn]
-            for k, extra in zip(drawn, again):
-                shares[k] += extra
-        out = []
-        for (i, j), s in zip(pairs, shares):
-            m = sum(s) / len(s) if s else 0.5
-            met[(i, j)], met[(j, i)] = m, 1.0 - m
-            first_wins = m > 0.5 or (m == 0.5 and rng.random() < 0.5)
-            out.append((i, j) if first_wins else (j, i))
-        return out
-
-    def halves(xs):
-        return [(xs[k], xs[k + 1]) for k in range(0, len(xs) - 1, 2)], xs[-1:] if len(xs) % 2 else []
-
-    first, odd = halves(order)
-    res = yield from play(first)
-    up = [w for w, _ in res] + odd
-    down = [lo for _, lo in res] + odd
-    while len(up) > 1 or len(down) > 1:
-        pu, bye_u = halves(up)
-        pd, bye_d = halves(down)
-        res = yield from play(pu + pd)
-        up = [w for w, _ in res[: len(pu)]] + bye_u
-        down = [lo for _, lo in res[len(pu):]] + bye_d
-    best, worst = up[0], down[0]
-    if best == worst:
-        return None
-    if (best, worst) not in met:  # the check that tells "best above worst" from "all equal"
-        yield from play([(best, worst)])
-    m = met[(best, worst)]
-    return None if m == 0.5 else (best, worst) if m > 0.5 else (worst, best)
-
-
-def _split_evenly(shares: list[float]) -> bool:
-    return bool(shares) and sum(shares) / len(shares) == 0.5 and any(s != 0.5 for s in shares)
-
-
-SCHEMES = {"all-pairs": all_pairs, "pivot": pivot, "knockout": knockout}
-
-
-def comparisons_needed(scheme: str, n: int, suffix_is_candidate: bool = True) -> int:
-    """Comparisons a scheme makes for n candidates (before swap, repeats and knockout replays);
-    for knockout the most it makes (its final best-worst check is skipped when the two already met)."""
-    if scheme == "all-pairs":
-        return n * (n - 1) // 2
-    if scheme == "pivot":
-        return n - 1 if suffix_is_candidate else n
-    return min(n * (n - 1) // 2, n // 2 + 2 * (math.ceil(n / 2) - 1) + 1) if n > 1 else 0
-
-
 # ---------------------------------------------------------------------------------- one prefix
 
 @dataclass
@@ -298,10 +206,8 @@ def judge_items(items: list[Item], judge: Judge, s: Settings) -> None:
             if not OBJECTIVES[objective].pairwise:
                 tasks.append(_Task(item, objective, None, [(i, None, 0) for i in range(n)]))
                 continue
-            if s.scheme == "pivot":
-                gen = pivot(n, rng, next((k for k, c in enumerate(item.candidates) if c.label == "suffix"), PIVOT))
-            else:
-                gen = SCHEMES[s.scheme](n, rng)
+            suffix = next((k for k, c in enumerate(item.candidates) if c.label == "suffix"), PIVOT)
+            gen = SCHEMES[s.scheme].start(n, rng, suffix)
             tasks.append(_Task(item, objective, gen, []))
             _advance(tasks[-1], None)
     live = [t for t in tasks if t.matches]
@@ -328,8 +234,8 @@ def judge_items(items: list[Item], judge: Judge, s: Settings) -> None:
                 _advance(t, results[id(t)])
         live = [t for t in live if t.matches]
     for t in tasks:
-        knockout_ends = t.ends if s.scheme == "knockout" and t.scheme is not None else False
-        _score(t.item, t.objective, t.records, t.scheme is not None, knockout_ends)
+        ends = t.ends if SCHEMES[s.scheme].ends_only and t.scheme is not None else False
+        _score(t.item, t.objective, t.records, t.scheme is not None, ends)
 
 
 def _advance(t: _Task, results) -> None:
@@ -371,8 +277,9 @@ def _match_calls(item: Item, objective: str, match, judge: Judge, s: Settings) -
 
 
 def _score(item: Item, objective: str, records: dict, pairwise: bool, ends) -> None:
-    """Mean win rate (pairwise) or mean verdict (pointwise) per candidate; knockout (`ends` is not
-    False): 1 for the best, 0 for the worst, 0.5 for the rest, and 0.5 for all when `ends` is None."""
+    """Mean win rate (pairwise) or mean verdict (pointwise) per candidate. A scheme that finds only the
+    ends (knockout; `ends` is not False): 1 for the best, 0 for the worst, 0.5 for the rest, and 0.5
+    for all when `ends` is None."""
     n = len(item.candidates)
     per: list[list[float]] = [[] for _ in range(n)]
     for (i, j), shares in records.items():
@@ -384,7 +291,7 @@ def _score(item: Item, objective: str, records: dict, pairwise: bool, ends) -> N
             per[j].append(1.0 - m)
     item.scores[objective] = [sum(x) / len(x) if x else None for x in per]
     item.comparisons[objective] = [len(x) for x in per]
-    if ends is not False:  # knockout: only the two ends are known
+    if ends is not False:  # only the two ends are known
         best, worst = ends if ends else (None, None)
         item.scores[objective] = [1.0 if k == best else 0.0 if k == worst else 0.5 for k in range(n)]
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 
-from sipt import judging
+from sipt import judging, schemes
 from sipt.config import Config
 
 ROLLOUTS = (1, 2, 4, 8, 16)
-SCHEMES = ("all-pairs", "pivot", "knockout")
+SCHEMES = tuple(schemes.SCHEMES)
 
 
 def steps_per_run(cfg: Config) -> int:
