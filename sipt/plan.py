@@ -44,7 +44,7 @@ def per_prompt(cfg: Config, scheme: str, n: int, prefix_tokens: int) -> dict:
             prompt = template + prefix_tokens + 2 * gen
         else:
             k = c * repeats
-            prompt = template + prefix_tokens + gen + (d.suffix_tokens if o == "factuality" else 0)
+            prompt = template + prefix_tokens + gen + (d.suffix_tokens if "reference" in judging.OBJECTIVES[o].slots else 0)
         calls += k
         tokens += k * (prompt + out_tokens)
     rewrite = cfg.new_tokens("rewrite") if has_rewrite and cfg.rewrite.engine != "oracle" else 0

@@ -316,7 +316,7 @@ def head_to_head(a: dict, i: int, b: dict | None, j: int) -> list[str]:
         lines += [f"{a['name']}'s generations judged against `{entry_name}`'s on the same prompts "
                   "(both orders, ties count half):", "",
                   "| | win % [95% CI] | judge invalid | prompts |", "|---|---|---|---|"]
-        for key, title in (("quality_win_rate", "quality"), ("coherence_win_rate", "coherence")):
+        for key, title in ((f"{o}_win_rate", o) for o in objectives.pairwise()):
             lines.append(f"| {title} | {fmt(entry.get(key), entry.get(f'{key}_ci'))} | "
                          f"{_num(entry.get('judge_invalid'), 'int')} | {_num(entry.get('n'), 'int')} |")
     else:
