@@ -354,6 +354,11 @@ class TrainConfig:
     device: str = knob("auto", "auto, cpu or cuda (under torchrun: the local rank's GPU).", results=False)
     fsdp: bool = knob(False, "Shard the model with FSDP under torchrun (models that do not fit one GPU).",
                       results=False)
+    nproc_per_node: int = knob(
+        1, "Processes `sipt loop` trains with: above 1 it runs the train stage as `torchrun --nproc_per_node "
+        "N` (one process per GPU; gloo processes on CPU) with the loop's config; every other stage stays in "
+        "the loop's process. `sipt train` is launched under torchrun by hand instead.", results=False,
+    )
     checkpoint_every: int = knob(50, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
                                  results=False)
     log_every: int = knob(1, "Log loss, reward margin and accuracy, lr and tokens/s every N steps.", results=False)
@@ -445,7 +450,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "train.warmup_steps": (0, None), "train.total_steps": (0, None), "train.batch_size": (1, None),
     "train.micro_batch_size": (1, None), "train.epochs": (1, None), "train.weight_decay": (0, None),
     "train.adam_beta1": (0, 1), "train.adam_beta2": (0, 1), "train.max_grad_norm": (0, None),
-    "train.checkpoint_every": (0, None), "train.log_every": (1, None),
+    "train.checkpoint_every": (0, None), "train.log_every": (1, None), "train.nproc_per_node": (1, None),
     "eval.prompts": (1, None), "eval.max_new_tokens": (0, None), "eval.judge_seeds": (1, None),
     "eval.judge_temperature": (0, None), "eval.max_invalid_share": (0, 1), "eval.at_risk_prompts": (0, None), "eval.lm_eval_limit": (0, None),
     "eval.lm_eval_batch_size": (1, None),
