@@ -126,7 +126,9 @@ def save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int) 
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "global_step": global_step, "step": step, "rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"global_step": global_step, "step": step}))
+    marker = path.with_suffix(".json")  # atomic too: read while training runs, never half-written
+    marker.with_name(marker.name + ".partial").write_text(json.dumps({"global_step": global_step, "step": step}))
+    os.replace(marker.with_name(marker.name + ".partial"), marker)
 
 
 def truncate_log(path: Path, step: int) -> int | None:
