@@ -435,7 +435,7 @@ def test_loop_trains_under_torchrun_with_two_processes(wrun, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = artifacts.read_manifest(wrun / "iter-000" / "train")
     assert m["stats"]["processes"] == 2 and m["stats"]["sharding"] == "ddp"
-    assert "train iter 0 12 rows" in proc.stdout and "eval iter 1" in proc.stdout
+    assert "train iter 0 12 rows" in proc.stdout and "eval iter 1" in proc.stdout, proc.stdout
     assert artifacts.read_manifest(wrun / "iter-001" / "eval")["inputs"]["policy"]["ref"] == "iter-001/policy"
 
     single = tmp_path / "single"  # the same pairs, trained in this process
@@ -445,16 +445,17 @@ def test_loop_trains_under_torchrun_with_two_processes(wrun, tmp_path):
     assert train.run(single, cfg, 0, show_progress=False)["stats"]["processes"] == 1
     losses = [[json.loads(line)["loss"] for line in (r / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]
               for r in (wrun, single)]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4), losses
     init = AutoModelForCausalLM.from_pretrained(wrun / "iter-000" / "policy").state_dict()
     a = AutoModelForCausalLM.from_pretrained(wrun / "iter-001" / "policy").state_dict()
     b = AutoModelForCausalLM.from_pretrained(single / "iter-001" / "policy").state_dict()
     flat = lambda sd: torch.cat([sd[k].flatten().float() for k in sorted(sd)])  # noqa: E731
-    assert float((flat(a) - flat(b)).norm()) < 1e-3 * float((flat(b) - flat(init)).norm())  # the same steps
+    apart, moved = float((flat(a) - flat(b)).norm()), float((flat(b) - flat(init)).norm())
+    assert apart < 1e-3 * moved, (apart, moved)  # the same steps
 
     again = _sipt("loop", "--run", str(wrun), *sets)  # done: the train processes find it and do nothing
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "train iter 0 already done" in again.stdout
+    assert "train iter 0 already done" in again.stdout, again.stdout
 
 
 def test_a_failed_torchrun_train_is_a_clear_error(wrun):
