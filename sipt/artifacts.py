@@ -82,7 +82,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 class Stage:
     """One stage run: where it writes, what it depends on, and whether it is already done.
 
-    Use as a context manager. `skipped` is True when a matching `_SUCCESS.json` exists. A SiptError
+    Use as a context manager, or call `open()`, then `commit()` or `fail(exc)` (what a stage whose
+    work spans processes does). `skipped` is True when a matching `_SUCCESS.json` exists. A SiptError
     raised inside removes the temporary folder (bad input: nothing half-written stays); any other
     exception (a crash, a dead server, Ctrl-C) keeps the finished parts for the rerun to resume.
     """
@@ -132,7 +133,12 @@ class Stage:
             "inputs": {k: {"ref": self.inputs[k], "fingerprint": v} for k, v in self._fps.items()},
         }
 
-    def __enter__(self) -> "Stage":
+    def open(self) -> "Stage":
+        """Take the stage's lock and prepare its temporary folder (resuming matching parts).
+
+        `skipped` is then True when the stage is already done (the lock is released at once); otherwise
+        the lock is held until `commit` or `fail`.
+        """
         self._lock = Lock(lock_path(self.run_dir, self.out), str(self.out))
         self._lock.acquire()
         try:
@@ -143,6 +149,9 @@ class Stage:
         if self.skipped:  # nothing will be written
             self._lock.release()
         return self
+
+    def __enter__(self) -> "Stage":
+        return self.open()
 
     def _enter(self) -> None:
         self._fps = self.input_fingerprints()
@@ -172,30 +181,36 @@ class Stage:
         recorded = {k: v.get("fingerprint") for k, v in manifest.get("inputs", {}).items()}
         return manifest.get("config_hash") == self.config_hash and recorded == self._fps
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def fail(self, exc: BaseException) -> None:
+        """Record that the stage stopped with `exc` and release the lock. A SiptError (bad input)
+        removes the temporary folder; anything else (a crash, a dead server, Ctrl-C) keeps the
+        finished parts for the rerun to resume and writes `_FAILED.json` beside them."""
         try:
-            return self._exit(exc_type, exc, tb)
+            if self.skipped:
+                return
+            if isinstance(exc, SiptError):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                parent = self.out.parent
+                if parent != Path(self.run_dir) and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()  # a refused first stage of an iteration leaves no empty iter-NNN/
+            elif self.tmp.exists():
+                _write_json_atomic(
+                    self.tmp / FAILED,
+                    {
+                        "stage": self.name,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:],
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    },
+                )
         finally:
             self._lock.release()
 
-    def _exit(self, exc_type, exc, tb) -> bool:
-        if exc_type is None or self.skipped:
-            return False
-        if issubclass(exc_type, SiptError):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            parent = self.out.parent
-            if parent != Path(self.run_dir) and parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()  # a refused first stage of an iteration leaves no empty iter-NNN/
-        elif self.tmp.exists():
-            _write_json_atomic(
-                self.tmp / FAILED,
-                {
-                    "stage": self.name,
-                    "error": f"{exc_type.__name__}: {exc}",
-                    "traceback": "".join(traceback.format_exception(exc_type, exc, tb))[-4000:],
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-            )
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            self.fail(exc)
+        else:  # left without commit: the parts stay for a rerun
+            self._lock.release()
         return False
 
     # -- parts ------------------------------------------------------------------------------

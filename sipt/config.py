@@ -209,6 +209,11 @@ class TrainConfig:
     device: str = knob("auto", "auto, cpu or cuda (under torchrun: the local rank's GPU).", results=False)
     fsdp: bool = knob(False, "Shard the model with FSDP under torchrun (models that do not fit one GPU).",
                       results=False)
+    nproc_per_node: int = knob(
+        1, "Processes `sipt loop` trains with: above 1 it runs the train stage as `torchrun --nproc_per_node "
+        "N` (one process per GPU; gloo processes on CPU) with the loop's config; every other stage stays in "
+        "the loop's process. `sipt train` is launched under torchrun by hand instead.", results=False,
+    )
     checkpoint_every: int = knob(50, "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
                                  results=False)
     log_every: int = knob(1, "Log loss, reward margin and accuracy, lr and tokens/s every N steps.", results=False)

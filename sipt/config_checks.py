@@ -34,7 +34,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "train.warmup_steps": (0, None), "train.total_steps": (0, None), "train.batch_size": (1, None),
     "train.micro_batch_size": (1, None), "train.epochs": (1, None), "train.weight_decay": (0, None),
     "train.adam_beta1": (0, 1), "train.adam_beta2": (0, 1), "train.max_grad_norm": (0, None),
-    "train.checkpoint_every": (0, None), "train.log_every": (1, None),
+    "train.checkpoint_every": (0, None), "train.nproc_per_node": (1, None), "train.log_every": (1, None),
     "eval.prompts": (1, None), "eval.max_new_tokens": (0, None), "eval.judge_seeds": (1, None),
     "eval.judge_temperature": (0, None), "eval.max_invalid_share": (0, 1), "eval.at_risk_prompts": (0, None), "eval.lm_eval_limit": (0, None),
     "eval.lm_eval_batch_size": (1, None),

@@ -7,15 +7,25 @@ finished parts. After a crash or a kill, running the same loop again continues a
 
 Per iteration i: rollout (when rollouts are candidates), rewrite (when rewrites are candidates),
 judge, pair, train -> iter-(i+1)/policy, then eval of that policy. With train.objective = "ntp"
-(the next-token-prediction baseline) an iteration is only train and eval.
+(the next-token-prediction baseline) an iteration is only train and eval. With
+train.nproc_per_node > 1 the train stage runs as that many processes under torchrun
+(`train_under_torchrun`); every other stage runs in the loop's process.
 """
 
 from __future__ import annotations
 
+import collections
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from sipt import artifacts
 from sipt.config import Config
+from sipt.errors import SiptError
 
 
 def iteration_stages(cfg: Config) -> list[str]:
@@ -63,6 +73,75 @@ def run(run_dir: Path, cfg: Config, iterations: int, *, evaluate: bool = True,
             manifest = module.run(run_dir, cfg)
         elif name == "shard":
             manifest = module.run(run_dir, cfg, show_progress=show_progress)
+        elif name == "train" and cfg.train.nproc_per_node > 1:
+            manifest = train_under_torchrun(run_dir, cfg, i, show_progress=show_progress)
         else:
             manifest = module.run(run_dir, cfg, i, show_progress=show_progress)
         yield name, i, manifest
+
+
+def train_under_torchrun(run_dir: Path, cfg: Config, iteration: int, *, show_progress: bool = True) -> dict:
+    """`sipt train` of one iteration as `train.nproc_per_node` processes under torchrun, with `cfg`
+    (written to a temporary TOML file: speed-only keys too); returns the train stage's manifest.
+
+    The processes' output goes to stderr as it comes. A failure raises a SiptError with its last
+    lines (the stage keeps its checkpoint: the next `sipt loop` resumes it); Ctrl-C stops them.
+    """
+    folder = artifacts.stage_dir(run_dir, "train", iteration)
+    before = artifacts.read_manifest(folder)
+    n = cfg.train.nproc_per_node
+    with tempfile.TemporaryDirectory(prefix="sipt-train-") as tmp:
+        config_file = Path(tmp) / "sipt.toml"
+        config_file.write_text(cfg.to_toml())
+        # `-m --`: torchrun starts `python -m sipt.cli` (no PATH lookup) and reads none of its flags
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               "-m", "--", "sipt.cli", "train", "--run", str(run_dir), "--iter", str(iteration),
+               "--config", str(config_file), *([] if show_progress else ["--no-progress"])]
+        code, tail = _run_passing_output(cmd)
+    if code != 0:
+        raise SiptError(f"{folder}: train under torchrun ({n} processes) exited with status {code}; fix what it "
+                        f"says and rerun `sipt loop` (a crashed train resumes from its last checkpoint):\n{tail}")
+    manifest = artifacts.read_manifest(folder)
+    if manifest is None:
+        raise SiptError(f"{folder}: train under torchrun exited cleanly but wrote no _SUCCESS.json:\n{tail}")
+    if manifest == before:  # already done: the processes found it and did nothing
+        return {**manifest, "skipped": True}
+    return manifest
+
+
+def _run_passing_output(cmd: list[str], lines: int = 40) -> tuple[int, str]:
+    """Run `cmd`, copying its output (stdout and stderr) to our stderr; its exit status and what to
+    show on failure: the sipt errors it printed (one per worker) above its last `lines` lines. It
+    runs in its own session, so an interrupt here (Ctrl-C) reaches it only as our SIGTERM, which
+    torchrun passes on to its workers."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+    tail: collections.deque[str] = collections.deque(maxlen=lines)
+    errors: dict[str, None] = {}
+    try:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail.append(line)
+            if line.startswith(("error:", "stage failed:")) and len(errors) < 8:
+                errors[line] = None
+        code = proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        proc.stdout.close()
+    return code, "".join(errors) + ("...\n" if errors else "") + "".join(tail)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM (torchrun then stops its workers), SIGKILL after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

@@ -1,12 +1,11 @@
 """train: turn an iteration's pairs (or samples) into the next policy with online DPO, RF-NLL or NTP.
 
-One loop, top to bottom: load the examples and the policy, compute the DPO reference
-log-probabilities once (stored in the stage folder), then take optimizer steps with AdamW and a
-warmup + cosine schedule that spans the whole run. The optimizer, scheduler, step and RNG state
-carry over from the previous iteration's `train/state.pt`; inside a stage a checkpoint every
-`train.checkpoint_every` steps lets a crashed run resume. The new policy is written to
-`iter-(i+1)/policy` as a Hugging Face folder. Under `torchrun` the same command trains with DDP
-(gloo on CPU, NCCL on GPUs), or FSDP with `train.fsdp`.
+`_train` reads top to bottom: load the examples and the policy, compute the DPO reference
+log-probabilities once (stored in the stage folder), wrap the model (DDP, or FSDP with `train.fsdp`,
+under `torchrun`: gloo on CPU, NCCL on GPUs), restore the optimizer, schedule (AdamW, warmup +
+cosine over the whole run) and RNG state from the previous iteration's `train/state.pt` or this
+stage's last checkpoint (every `train.checkpoint_every` steps), loop, and save the new policy to
+`iter-(i+1)/policy` as a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -17,8 +16,11 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,50 +29,13 @@ import torch
 from sipt import artifacts, tracking
 from sipt.config import Config
 from sipt.errors import SiptError, StageInterrupted
-from sipt.losses import dpo_loss, nll_loss, sequence_logps
+from sipt.losses import dpo_loss, nll_loss
 from sipt.progress import progress_bar
-from sipt.samples import derive_seed, iteration_samples, policy_prompt, read_samples, tokenizer_bos
+from sipt.samples import derive_seed, iteration_samples, read_samples, tokenizer_bos
+from sipt.training import (Dist, build_batch, forward_logps, forward_tail, full_state_dict,  # noqa: F401
+                           lr_lambda, save_checkpoint, truncate_log, rank_batch as _rank_batch)
 
 SECTIONS = ["run.seed", "run.iterations", "run.prompts_per_iter", "train"]
-
-
-# -- distributed ---------------------------------------------------------------------------------
-
-class Dist:
-    """Rank, world size and device; a no-op outside torchrun."""
-
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and device != "cpu"
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu") if device == "auto" else torch.device(device)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -109,62 +74,6 @@ def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
     return rows
 
 
-def build_batch(examples: list[dict], keys: str | list[str], bos: int | None, pad: int, context: int, device) -> dict:
-    """Left-padded prompt + continuation, so every continuation ends at the right edge.
-
-    The loss mask covers the continuation only; `keep` is how many positions from the right the
-    loss needs logits for, so the model can skip the vocabulary projection of the prompt
-    (`logits_to_keep`), which is most of the sequence. `keys` names the continuation of each
-    example (one key for all, or one per example: chosen and rejected in one batch).
-    """
-    keys = [keys] * len(examples) if isinstance(keys, str) else keys
-    seqs, conts = [], []
-    for ex, key in zip(examples, keys):
-        cont = ex[key][:context]
-        prompt, _ = policy_prompt(ex["prefix_ids"], ex["prefix_start"], bos, context - len(cont))
-        seqs.append(prompt + cont)
-        conts.append(len(cont))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (seq, n) in enumerate(zip(seqs, conts)):
-        ids[i, width - len(seq) :] = torch.tensor(seq)
-        attn[i, width - len(seq) :] = 1
-        if n:
-            loss_mask[i, width - n :] = 1
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    keep = min(width, max(conts) + 1)
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": positions.to(device),
-            "loss_mask": loss_mask.to(device), "keep": keep}
-
-
-def forward_tail(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of the last `keep` positions, with the matching ids and loss mask."""
-    keep = batch["keep"]
-    width = batch["input_ids"].shape[1]
-    kwargs = {"logits_to_keep": keep} if keep < width else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], **kwargs).logits
-    return logits, batch["input_ids"][:, -keep:], batch["loss_mask"][:, -keep:]
-
-
-def forward_logps(model, batch: dict) -> torch.Tensor:
-    return sequence_logps(*forward_tail(model, batch))
-
-
-# -- schedule ------------------------------------------------------------------------------------
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warmup, then cosine decay to `min_ratio` over the whole run's steps."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
 def steps_per_iteration(cfg: Config, n_examples: int | None = None) -> int:
     n = n_examples if n_examples is not None else cfg.run.prompts_per_iter
     return max(1, math.ceil(n * cfg.train.epochs / cfg.train.batch_size))
@@ -173,14 +82,11 @@ def steps_per_iteration(cfg: Config, n_examples: int | None = None) -> int:
 # -- the stage -----------------------------------------------------------------------------------
 
 def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show_progress: bool = True) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     run_dir = Path(run_dir)
     t = cfg.train
     dist = Dist(t.device)
     if t.batch_size % dist.world:
         raise SiptError(f"train.batch_size = {t.batch_size} must be a multiple of the {dist.world} processes")
-    policy_dir = artifacts.stage_dir(run_dir, "policy", iteration)
     inputs = {"policy": artifacts.stage_ref("policy", iteration)}
     inputs["data"] = "samples" if t.objective == "ntp" else artifacts.stage_ref("pair", iteration)
     prev_state = None
@@ -190,20 +96,20 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     if t.objective == "dpo" and t.reference == "initial":
         inputs["reference"] = artifacts.stage_ref("policy", 0)
     stage = artifacts.Stage.of(run_dir, "train", cfg, SECTIONS, iteration=iteration, inputs=inputs, force=force)
-    entered = None
+    # The main process owns the stage folder and its lock; the others learn from it where to work.
+    opened = None
     if dist.main:
-        stage.__enter__()
-        entered = {"skipped": stage.skipped, "tmp": str(stage.tmp)}
-    entered = dist.broadcast(entered)
+        stage.open()
+        opened = {"skipped": stage.skipped, "tmp": str(stage.tmp)}
+    opened = dist.broadcast(opened)
     try:
-        if entered["skipped"]:
+        if opened["skipped"]:
             manifest = stage.manifest if dist.main else None
         else:
-            manifest = _train(run_dir, cfg, iteration, stage, Path(entered["tmp"]), dist, prev_state,
-                              policy_dir, show_progress, AutoModelForCausalLM, AutoTokenizer)
+            manifest = _train(run_dir, cfg, iteration, stage, Path(opened["tmp"]), dist, prev_state, show_progress)
     except BaseException as e:
         if dist.main:
-            stage.__exit__(type(e), e, e.__traceback__)
+            stage.fail(e)
         raise
     if dist.main:
         _publish(run_dir, cfg, iteration, force)
@@ -211,17 +117,68 @@ def run(run_dir: Path, cfg: Config, iteration: int, *, force: bool = False, show
     return manifest
 
 
-def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, show_progress, AutoModel, AutoTok):
+@dataclass
+class TrainState:
+    """What the phases of one train stage share: the data, the model and where the loop stands."""
+
+    cfg: Config
+    iteration: int
+    dist: Dist
+    tmp: Path  # the stage's temporary folder: reference log-probs, checkpoint, log, then the model
+    examples: list[dict]
+    tokenizer: Any
+    model: Any  # the policy (compiled with train.compile); what is saved and clipped
+    bos: int | None
+    pad: int
+    context: int  # the model's positions: prompt + continuation are cut to fit
+    autocast: Callable
+    train_model: Any = None  # `model` wrapped for DDP or FSDP; `model` itself in one process
+    opt: Any = None
+    sched: Any = None
+    global_step: int = 0  # optimizer steps of the whole run
+    step: int = 0  # optimizer steps of this iteration
+    dropped: int = 0  # examples left out so that every process gets an equal share
+    repeated: int = 0  # examples repeated so that every process gets one
+    last: dict = field(default_factory=dict)  # the last step's log line
+    tokens_seen: int = 0
+    t_start: float = 0.0
+    ref_seconds: float = 0.0
+    loop_seconds: float = 0.0
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.tmp / "checkpoint.pt"
+
+
+def _train(run_dir: Path, cfg: Config, iteration: int, stage: artifacts.Stage, tmp: Path, dist: Dist,
+           prev_state: Path | None, show_progress: bool) -> dict | None:
+    """The stage's work, phase by phase. The manifest on the main process, None on the others."""
+    s = _load(run_dir, cfg, iteration, tmp, dist)
+    t_ref = time.perf_counter()
+    if cfg.train.objective == "dpo":
+        _reference_logps(s, run_dir)
+    s.ref_seconds = time.perf_counter() - t_ref
+    _wrap(s)
+    _restore(s, prev_state)
+    _loop(s, run_dir, show_progress)
+    return _save(s, stage)
+
+
+def _load(run_dir: Path, cfg: Config, iteration: int, tmp: Path, dist: Dist) -> TrainState:
+    """The examples and the iteration's policy, checked against the samples' tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     t = cfg.train
+    policy_dir = artifacts.stage_dir(run_dir, "policy", iteration)
     examples = load_examples(run_dir, cfg, iteration)
-    tokenizer = AutoTok.from_pretrained(policy_dir)
-    data_tok = AutoTok.from_pretrained(artifacts.stage_dir(run_dir, "policy", 0))
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    data_tok = AutoTokenizer.from_pretrained(artifacts.stage_dir(run_dir, "policy", 0))
     if len(tokenizer) != len(data_tok):
         raise SiptError(
             f"{policy_dir}: the policy's tokenizer has {len(tokenizer)} tokens, the samples were made with "
             f"{len(data_tok)} (iter-000/policy); use a policy with the samples' tokenizer or reshard"
         )
-    model = AutoModel.from_pretrained(policy_dir, dtype=torch.float32).to(dist.device)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(dist.device)
     vocab = model.get_input_embeddings().weight.shape[0]
     top = max((max(ex["chosen_ids"] + ex["rejected_ids"] + ex["prefix_ids"], default=0) for ex in examples), default=0)
     if top >= vocab:
@@ -230,167 +187,199 @@ def _train(run_dir, cfg, iteration, stage, tmp, dist, prev_state, policy_dir, sh
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dist.device.type == "cuda")
     autocast = (lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    micro = max(1, t.micro_batch_size)
+    return TrainState(cfg=cfg, iteration=iteration, dist=dist, tmp=tmp, examples=examples, tokenizer=tokenizer,
+                      model=model, bos=bos, pad=pad, context=context, autocast=autocast)
 
-    # DPO reference log-probabilities: computed once per pair and stored with the stage.
-    ref_path = tmp / "ref_logps.parquet"
-    t_ref = time.perf_counter()
-    if t.objective == "dpo":
-        if dist.main and not ref_path.exists():
-            ref_dir = artifacts.stage_dir(run_dir, "policy", 0) if t.reference == "initial" else policy_dir
-            known = _rollout_logprobs(run_dir, iteration) if (t.reference == "iteration" and t.reuse_rollout_logprobs) else {}
-            todo = [(i, side) for i, ex in enumerate(examples) for side in ("chosen", "rejected")
-                    if _known_ref(ex, side, known) is None]
-            ref = {(i, side): _known_ref(ex, side, known) for i, ex in enumerate(examples) for side in ("chosen", "rejected")}
-            if todo:
-                ref_model = model if ref_dir == policy_dir else AutoModel.from_pretrained(ref_dir, dtype=torch.float32).to(dist.device)
-                ref_model.eval()
-                with torch.no_grad(), autocast():
-                    for k in range(0, len(todo), micro):
-                        chunk = todo[k : k + micro]
-                        batch = build_batch([examples[i] for i, _ in chunk], [f"{side}_ids" for _, side in chunk],
-                                            bos, pad, context, dist.device)
-                        for key, value in zip(chunk, forward_logps(ref_model, batch).tolist()):
-                            ref[key] = value
-                del ref_model
-            artifacts.write_parquet_atomic(ref_path, pa.table({
-                "sample_id": [ex["sample_id"] for ex in examples],
-                "ref_chosen": [ref[(i, "chosen")] for i in range(len(examples))],
-                "ref_rejected": [ref[(i, "rejected")] for i in range(len(examples))],
-            }), {"computed": len(todo), "from_rollouts": 2 * len(examples) - len(todo)})
-        dist.barrier()
-        ref = pq.read_table(ref_path).to_pylist()
-        for ex, r in zip(examples, ref):
-            ex["ref_chosen"], ex["ref_rejected"] = r["ref_chosen"], r["ref_rejected"]
 
-    t_ref = time.perf_counter() - t_ref
+def _reference_logps(s: TrainState, run_dir: Path) -> None:
+    """DPO's reference log-probabilities, computed once per pair and stored with the stage
+    (`ref_logps.parquet`, by the main process), then set on every example as ref_chosen/ref_rejected."""
+    from transformers import AutoModelForCausalLM
+
+    t, dist, examples = s.cfg.train, s.dist, s.examples
+    ref_path = s.tmp / "ref_logps.parquet"
+    if dist.main and not ref_path.exists():
+        policy_dir = artifacts.stage_dir(run_dir, "policy", s.iteration)
+        ref_dir = artifacts.stage_dir(run_dir, "policy", 0) if t.reference == "initial" else policy_dir
+        reuse = t.reference == "iteration" and t.reuse_rollout_logprobs
+        known = _rollout_logprobs(run_dir, s.iteration) if reuse else {}
+        todo = [(i, side) for i, ex in enumerate(examples) for side in ("chosen", "rejected")
+                if _known_ref(ex, side, known) is None]
+        ref = {(i, side): _known_ref(ex, side, known) for i, ex in enumerate(examples) for side in ("chosen", "rejected")}
+        if todo:
+            ref_model = s.model if ref_dir == policy_dir else AutoModelForCausalLM.from_pretrained(
+                ref_dir, dtype=torch.float32).to(dist.device)
+            ref_model.eval()
+            micro = max(1, t.micro_batch_size)
+            with torch.no_grad(), s.autocast():
+                for k in range(0, len(todo), micro):
+                    chunk = todo[k : k + micro]
+                    batch = build_batch([examples[i] for i, _ in chunk], [f"{side}_ids" for _, side in chunk],
+                                        s.bos, s.pad, s.context, dist.device)
+                    for key, value in zip(chunk, forward_logps(ref_model, batch).tolist()):
+                        ref[key] = value
+            del ref_model
+        artifacts.write_parquet_atomic(ref_path, pa.table({
+            "sample_id": [ex["sample_id"] for ex in examples],
+            "ref_chosen": [ref[(i, "chosen")] for i in range(len(examples))],
+            "ref_rejected": [ref[(i, "rejected")] for i in range(len(examples))],
+        }), {"computed": len(todo), "from_rollouts": 2 * len(examples) - len(todo)})
+    dist.barrier()
+    for ex, r in zip(examples, pq.read_table(ref_path).to_pylist()):
+        ex["ref_chosen"], ex["ref_rejected"] = r["ref_chosen"], r["ref_rejected"]
+
+
+def _wrap(s: TrainState) -> None:
+    """torch.compile (train.compile), then DDP or FSDP (train.fsdp) across the torchrun processes."""
+    t = s.cfg.train
     if t.compile:
-        model = torch.compile(model)
-    train_model = model
-    if dist.world > 1:
+        s.model = torch.compile(s.model)
+    s.train_model = s.model
+    if s.dist.world > 1:
         if t.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for layer in model.model.layers:
+            for layer in s.model.model.layers:
                 fully_shard(layer)
-            train_model = fully_shard(model)
+            s.train_model = fully_shard(s.model)
         else:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    model.train()
+            s.train_model = torch.nn.parallel.DistributedDataParallel(
+                s.model, device_ids=[s.dist.device.index] if s.dist.device.type == "cuda" else None)
+    s.model.train()
 
-    n_steps = steps_per_iteration(cfg, len(examples))
-    total = t.total_steps or cfg.run.iterations * steps_per_iteration(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                            weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, total, t.min_lr_ratio))
-    global_step, step = 0, 0
-    if prev_state is not None:  # continue the run's optimizer and schedule from the last iteration
+
+def _restore(s: TrainState, prev_state: Path | None) -> None:
+    """AdamW and the run's schedule, continued from the previous iteration's state, then from this
+    stage's last checkpoint when a crashed run left one (weights, steps and RNG too)."""
+    t = s.cfg.train
+    total = t.total_steps or s.cfg.run.iterations * steps_per_iteration(s.cfg)
+    s.opt = torch.optim.AdamW(s.model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                              weight_decay=t.weight_decay)
+    s.sched = torch.optim.lr_scheduler.LambdaLR(s.opt, lr_lambda(t.warmup_steps, total, t.min_lr_ratio))
+    if prev_state is not None:
         state = torch.load(prev_state, map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        global_step = state["global_step"]
-    ckpt = tmp / "checkpoint.pt"
-    if ckpt.exists():  # a crashed stage resumes from its last checkpoint
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        global_step, step = state["global_step"], state["step"]
+        s.opt.load_state_dict(state["optimizer"])
+        s.sched.load_state_dict(state["scheduler"])
+        s.global_step = state["global_step"]
+    if s.checkpoint.exists():
+        state = torch.load(s.checkpoint, map_location="cpu", weights_only=False)
+        s.model.load_state_dict(state["model"])
+        s.opt.load_state_dict(state["optimizer"])
+        s.sched.load_state_dict(state["scheduler"])
+        s.global_step, s.step = state["global_step"], state["step"]
         torch.set_rng_state(state["rng"])
 
+
+def _loop(s: TrainState, run_dir: Path, show_progress: bool) -> None:
+    """The optimizer steps of this iteration, from where `_restore` left off: log, checkpoint, repeat."""
+    t, dist = s.cfg.train, s.dist
+    n_steps = steps_per_iteration(s.cfg, len(s.examples))
     order = []
     for epoch in range(t.epochs):
-        idx = list(range(len(examples)))
-        random.Random(derive_seed(cfg.run.seed, "train", iteration, epoch)).shuffle(idx)
+        idx = list(range(len(s.examples)))
+        random.Random(derive_seed(s.cfg.run.seed, "train", s.iteration, epoch)).shuffle(idx)
         order += idx
     # Every process needs an equal share: a batch's last len % processes examples are left out
     # (a batch smaller than the process count is repeated up to it instead); both are counted.
     sizes = [len(order[k * t.batch_size : (k + 1) * t.batch_size]) for k in range(n_steps)]
-    dropped = sum(n % dist.world for n in sizes if n >= dist.world)
-    repeated = sum(dist.world - n for n in sizes if n < dist.world)
-    log_path = tmp / "log.jsonl"
-    sent = _truncate_log(log_path, step) if dist.main else None
+    s.dropped = sum(n % dist.world for n in sizes if n >= dist.world)
+    s.repeated = sum(dist.world - n for n in sizes if n < dist.world)
+    log_path = s.tmp / "log.jsonl"
+    sent = truncate_log(log_path, s.step) if dist.main else None
     log = open(log_path, "a") if dist.main else None
     # the run's experiment tracking (run.report_to): each log line at its global step, once
-    curves = tracking.TrainCurves(run_dir, global_step, sent) if dist.main else None
-    last = {}
-    t_start, tokens_seen = time.perf_counter(), 0
-    with progress_bar(f"train iter {iteration} ({t.objective})", total=n_steps, unit="steps",
+    curves = tracking.TrainCurves(run_dir, s.global_step, sent) if dist.main else None
+    s.t_start = time.perf_counter()
+    with progress_bar(f"train iter {s.iteration} ({t.objective})", total=n_steps, unit="steps",
                       enabled=show_progress and dist.main) as bar:
-        bar.advance(step)
-        while step < n_steps:
-            batch = _rank_batch([examples[i] for i in order[step * t.batch_size : (step + 1) * t.batch_size]],
-                                dist.world)
-            shard = batch[dist.rank :: dist.world]
-            chunks = [shard[k : k + micro] for k in range(0, len(shard), micro)]
-            sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "chosen": 0.0, "rejected": 0.0}
-            t0 = time.perf_counter()
-            for c, chunk in enumerate(chunks):
-                weight = len(chunk) / len(batch) * dist.world  # DDP averages gradients over ranks
-                sync = c == len(chunks) - 1 or dist.world == 1 or t.fsdp
-                with (nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss, stats = _loss(train_model, chunk, t, bos, pad, context, dist.device)
-                    (loss * weight).backward()
-                tokens_seen += sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in chunk)
-                for k, v in stats.items():
-                    sums[k] += v * len(chunk) / len(shard)
-            loss_value = dist.mean(sums["loss"])
-            if not math.isfinite(loss_value):
-                opt.zero_grad(set_to_none=True)
-                marker = ckpt.with_suffix(".json")
-                good = f"step {json.loads(marker.read_text())['global_step']}" if marker.exists() else "none yet"
-                raise StageInterrupted(
-                    f"train iter {iteration}: non-finite loss ({loss_value}) at step {global_step} (batch {step} of "
-                    f"this iteration; samples {', '.join(ex['sample_id'] for ex in batch[:3])} ...). The last good "
-                    f"checkpoint ({good}) is kept and no new policy is written. Lower train.lr or check the pairs"
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            global_step += 1
-            dt = time.perf_counter() - t0
-            last = {"step": global_step, "iter_step": step, "loss": round(loss_value, 5),
-                    "lr": sched.get_last_lr()[0], "tokens_per_s": round(sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in batch) / max(dt, 1e-9), 1)}
-            if grad_norm is not None:
-                last["grad_norm"] = round(float(grad_norm), 4)
-            if t.objective == "dpo":
-                last.update({k: round(dist.mean(sums[k]), 5) for k in ("margin", "acc", "chosen", "rejected")})
-            if log is not None and (step % t.log_every == 0 or step == n_steps):
-                log.write(json.dumps(last) + "\n")
+        bar.advance(s.step)
+        while s.step < n_steps:
+            _step(s, [s.examples[i] for i in order[s.step * t.batch_size : (s.step + 1) * t.batch_size]])
+            if log is not None and (s.step % t.log_every == 0 or s.step == n_steps):
+                log.write(json.dumps(s.last) + "\n")
                 log.flush()
-                curves.log(last)
-            if dist.main and t.checkpoint_every and step % t.checkpoint_every == 0 and step < n_steps:
-                _save_checkpoint(ckpt, model, opt, sched, global_step, step)
+                curves.log(s.last)
+            if dist.main and t.checkpoint_every and s.step % t.checkpoint_every == 0 and s.step < n_steps:
+                save_checkpoint(s.checkpoint, s.model, s.opt, s.sched, s.global_step, s.step)
             bar.advance(1)
-    loop_seconds = time.perf_counter() - t_start
+    s.loop_seconds = time.perf_counter() - s.t_start
     if log is not None:
         log.close()
         curves.flush()
+
+
+def _step(s: TrainState, examples: list[dict]) -> None:
+    """One optimizer step on one batch: each process takes its share in micro-batches (gradients
+    accumulate; DDP syncs on the last), then clip, step and record the step's log line in `s.last`."""
+    t, dist = s.cfg.train, s.dist
+    batch = _rank_batch(examples, dist.world)
+    shard = batch[dist.rank :: dist.world]
+    micro = max(1, t.micro_batch_size)
+    chunks = [shard[k : k + micro] for k in range(0, len(shard), micro)]
+    sums = {"loss": 0.0, "margin": 0.0, "acc": 0.0, "chosen": 0.0, "rejected": 0.0}
+    t0 = time.perf_counter()
+    for c, chunk in enumerate(chunks):
+        weight = len(chunk) / len(batch) * dist.world  # DDP averages gradients over ranks
+        sync = c == len(chunks) - 1 or dist.world == 1 or t.fsdp
+        with (nullcontext() if sync else s.train_model.no_sync()), s.autocast():
+            loss, stats = _loss(s.train_model, chunk, t, s.bos, s.pad, s.context, dist.device)
+            (loss * weight).backward()
+        s.tokens_seen += sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in chunk)
+        for k, v in stats.items():
+            sums[k] += v * len(chunk) / len(shard)
+    loss_value = dist.mean(sums["loss"])
+    if not math.isfinite(loss_value):
+        s.opt.zero_grad(set_to_none=True)
+        marker = s.checkpoint.with_suffix(".json")
+        good = f"step {json.loads(marker.read_text())['global_step']}" if marker.exists() else "none yet"
+        raise StageInterrupted(
+            f"train iter {s.iteration}: non-finite loss ({loss_value}) at step {s.global_step} (batch {s.step} of "
+            f"this iteration; samples {', '.join(ex['sample_id'] for ex in batch[:3])} ...). The last good "
+            f"checkpoint ({good}) is kept and no new policy is written. Lower train.lr or check the pairs"
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+    s.opt.step()
+    s.sched.step()
+    s.opt.zero_grad(set_to_none=True)
+    s.step += 1
+    s.global_step += 1
+    dt = time.perf_counter() - t0
+    tokens = sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in batch)
+    s.last = {"step": s.global_step, "iter_step": s.step, "loss": round(loss_value, 5),
+              "lr": s.sched.get_last_lr()[0], "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
+    if grad_norm is not None:
+        s.last["grad_norm"] = round(float(grad_norm), 4)
+    if t.objective == "dpo":
+        s.last.update({k: round(dist.mean(sums[k]), 5) for k in ("margin", "acc", "chosen", "rejected")})
+
+
+def _save(s: TrainState, stage: artifacts.Stage) -> dict | None:
+    """The trained model (a Hugging Face folder), the optimizer state the next iteration continues
+    from, and the stage's manifest (main process; the others return None)."""
+    t, dist = s.cfg.train, s.dist
     dist.barrier()
-    full_state = _full_state_dict(train_model, model, t.fsdp and dist.world > 1)  # a collective: every rank
+    full_state = full_state_dict(s.train_model, s.model, t.fsdp and dist.world > 1)  # a collective: every rank
     if not dist.main:
         return None
-    model_dir = tmp / "model"
+    model_dir = s.tmp / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
-    unwrapped = getattr(model, "_orig_mod", model)
+    unwrapped = getattr(s.model, "_orig_mod", s.model)
     unwrapped.save_pretrained(model_dir, state_dict=full_state, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "global_step": global_step,
-                "rng": torch.get_rng_state()}, tmp / "state.pt")
-    ckpt.unlink(missing_ok=True)
-    ckpt.with_suffix(".json").unlink(missing_ok=True)
-    elapsed = time.perf_counter() - t_start
-    stats = {"objective": t.objective, "examples": len(examples), "steps": step, "global_step": global_step,
-             "final_loss": last.get("loss"), "lr": last.get("lr"), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
-             "ref_seconds": round(t_ref, 3), "loop_seconds": round(loop_seconds, 3),
+    s.tokenizer.save_pretrained(model_dir)
+    torch.save({"optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(), "global_step": s.global_step,
+                "rng": torch.get_rng_state()}, s.tmp / "state.pt")
+    s.checkpoint.unlink(missing_ok=True)
+    s.checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    elapsed, last = time.perf_counter() - s.t_start, s.last
+    stats = {"objective": t.objective, "examples": len(s.examples), "steps": s.step, "global_step": s.global_step,
+             "final_loss": last.get("loss"), "lr": last.get("lr"),
+             "tokens_per_s": round(s.tokens_seen / max(elapsed, 1e-9), 1),
+             "ref_seconds": round(s.ref_seconds, 3), "loop_seconds": round(s.loop_seconds, 3),
              "processes": dist.world, "sharding": ("fsdp" if t.fsdp else "ddp") if dist.world > 1 else "none",
-             "dropped_examples": dropped, "repeated_examples": repeated}
+             "dropped_examples": s.dropped, "repeated_examples": s.repeated}
     if t.objective == "dpo":
         stats.update(final_margin=last.get("margin"), final_accuracy=last.get("acc"))
-    return stage.commit(stats, rows=len(examples))
+    return stage.commit(stats, rows=len(s.examples))
 
 
 def _loss(model, chunk, t, bos, pad, context, device) -> tuple[torch.Tensor, dict]:
@@ -430,57 +419,10 @@ def _rollout_logprobs(run_dir: Path, iteration: int) -> dict:
             if not r["prompt_truncated"] and not r["error"] and r["logprob"] is not None}
 
 
-def _rank_batch(batch: list, world: int) -> list:
-    """`batch` cut to a multiple of the process count, so each process gets an equal share; one
-    smaller than the count is repeated up to it (every process must take the step)."""
-    if len(batch) < world:
-        return (batch * world)[:world]
-    return batch[: len(batch) - len(batch) % world]
-
-
 def _known_ref(ex: dict, side: str, known: dict) -> float | None:
     if ex.get(f"{side}_source") != "rollout":
         return None
     return known.get((ex["sample_id"], ex.get(f"{side}_rollout_idx", -1)))
-
-
-def _save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "global_step": global_step, "step": step, "rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"global_step": global_step, "step": step}))
-
-
-def _truncate_log(path: Path, step: int) -> int | None:
-    """Keep the log lines of the steps up to `step` (the restored checkpoint's, 0 without one): a
-    resumed stage redoes the steps after it and logs them again. A line cut by a kill is dropped.
-    Returns the last global step logged before (None: nothing), which the trackers already have."""
-    if not path.exists():
-        return None
-    kept, sent = [], None
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(entry, dict):
-            continue
-        sent = max(sent or 0, int(entry.get("step", 0)))
-        if entry.get("iter_step", 0) <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return sent
-
-
-def _full_state_dict(train_model, model, fsdp: bool):
-    if not fsdp:
-        return None  # save_pretrained reads the (unsharded) model itself
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _publish(run_dir: Path, cfg: Config, iteration: int, force: bool) -> dict:

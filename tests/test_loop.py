@@ -420,3 +420,65 @@ def test_eval_fails_when_the_judge_gives_no_readable_verdict(wrun, tmp_path):
     s = eval_stage.run(wrun, cfg, 0, show_progress=False)["stats"]
     assert s["judge_invalid"] == 6 and s["versus"][s["baseline"]]["judge_invalid"] == 6
     assert s["quality_win_rate"] is None and s["versus"][s["baseline"]]["quality_win_rate"] is None
+
+
+@pytest.mark.slow
+def test_loop_trains_under_torchrun_with_two_processes(wrun, tmp_path):
+    """train.nproc_per_node = 2: the loop runs the train stage as 2 gloo processes under torchrun,
+    then goes on to eval; the losses and the policy match one in-process train on the same pairs."""
+    from transformers import AutoModelForCausalLM
+
+    from stages import train
+
+    sets = [*LOOP_SETS, "--set", "train.nproc_per_node=2", "--iters", "1", "--no-progress"]
+    proc = _sipt("loop", "--run", str(wrun), *sets, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = artifacts.read_manifest(wrun / "iter-000" / "train")
+    assert m["stats"]["processes"] == 2 and m["stats"]["sharding"] == "ddp"
+    assert "train iter 0 12 rows" in proc.stdout and "eval iter 1" in proc.stdout, proc.stdout
+    assert artifacts.read_manifest(wrun / "iter-001" / "eval")["inputs"]["policy"]["ref"] == "iter-001/policy"
+
+    single = tmp_path / "single"  # the same pairs, trained in this process
+    shutil.copytree(wrun, single, ignore=shutil.ignore_patterns("iter-001", "train", ".train.tmp"))
+    cfg = config_mod.resolve(single, overrides={"train.nproc_per_node": 1})
+    assert cfg.hash(train.SECTIONS) == m["config_hash"]  # a speed-only knob
+    assert train.run(single, cfg, 0, show_progress=False)["stats"]["processes"] == 1
+    losses = [[json.loads(line)["loss"] for line in (r / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]
+              for r in (wrun, single)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4), losses
+    init = AutoModelForCausalLM.from_pretrained(wrun / "iter-000" / "policy").state_dict()
+    a = AutoModelForCausalLM.from_pretrained(wrun / "iter-001" / "policy").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(single / "iter-001" / "policy").state_dict()
+    flat = lambda sd: torch.cat([sd[k].flatten().float() for k in sorted(sd)])  # noqa: E731
+    apart, moved = float((flat(a) - flat(b)).norm()), float((flat(b) - flat(init)).norm())
+    assert apart < 1e-3 * moved, (apart, moved)  # the same steps
+
+    again = _sipt("loop", "--run", str(wrun), *sets)  # done: the train processes find it and do nothing
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train iter 0 already done" in again.stdout, again.stdout
+
+
+def test_a_failed_torchrun_train_is_a_clear_error(wrun):
+    """The workers' error comes back as the loop's SiptError, above the tail of torchrun's output."""
+    cfg = config_mod.resolve(wrun, overrides={"train.nproc_per_node": 2})
+    with pytest.raises(SiptError, match=r"(?s)train under torchrun \(2 processes\) exited with status 1.*"
+                                        r"error: train: input 'data' \(iter-000/pair\) is missing"):
+        loop.train_under_torchrun(wrun, cfg, 0, show_progress=False)
+
+
+def test_an_interrupted_loop_stops_the_train_processes(monkeypatch):
+    """Ctrl-C while the torchrun processes run: they get SIGTERM (torchrun stops its workers on it)."""
+    seen = []
+
+    def interrupt(line):  # the loop copies the first line of output, then Ctrl-C arrives
+        seen.append(int(line))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.stderr, "write", interrupt)
+    script = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        loop._run_passing_output([sys.executable, "-c", script])
+    assert time.time() - t0 < 30
+    with pytest.raises(ProcessLookupError):
+        os.kill(seen[0], 0)  # gone (and reaped)

@@ -297,3 +297,29 @@ def test_a_batch_is_cut_to_an_equal_share_per_process_and_the_cut_is_counted(pai
     run, cfg = paired  # one process: nothing is cut
     m = train.run(run, config_mod.resolve(run, overrides={"train.batch_size": 6}, force=True), 0, show_progress=False)
     assert m["stats"]["dropped_examples"] == m["stats"]["repeated_examples"] == 0
+
+
+def test_stage_open_fail_commit_without_a_with_block(tmp_path):
+    """The explicit lifecycle train uses (the main process opens, every process works, the main one
+    commits or fails): open holds the lock, fail and commit release it."""
+    def stage():
+        return artifacts.Stage(run_dir=tmp_path, name="s", out=tmp_path / "iter-000" / "s", config_hash="h",
+                               config_sections=[], inputs={}, iteration=0)
+
+    st = stage().open()
+    assert not st.skipped and artifacts.lock_holder(tmp_path, st.out) is not None
+    st.write_part(0, pa.table({"x": [1]}))
+    try:
+        raise RuntimeError("crashed")
+    except RuntimeError as e:
+        st.fail(e)  # a crash keeps the parts and says why
+    assert artifacts.lock_holder(tmp_path, st.out) is None
+    assert json.loads((st.tmp / artifacts.FAILED).read_text())["error"] == "RuntimeError: crashed"
+    st = stage().open()  # resumes the part
+    assert st.has_part(0) and not (st.tmp / artifacts.FAILED).exists()
+    st.fail(SiptError("bad input"))  # bad input: nothing half-written stays
+    assert not st.tmp.exists() and not (tmp_path / "iter-000").exists()
+    st = stage().open()
+    st.write_part(0, pa.table({"x": [1, 2]}))
+    assert st.commit()["rows"] == 2 and artifacts.lock_holder(tmp_path, st.out) is None
+    assert stage().open().skipped
