@@ -42,6 +42,8 @@ FAILED = "_FAILED.json"
 # Stages of one iteration, in the order the loop runs them. `policy` is the model the rollouts of
 # that iteration come from (written by `init` for iter-000 and by the previous `train` after).
 ITER_STAGES = ["policy", "rollout", "rewrite", "judge", "pair", "train", "eval"]
+# Stages of the run, not of an iteration: `<run>/<name>`.
+RUN_STAGES = ("samples", "judge-data", "judge-train")
 
 
 def iter_dir(run_dir: Path, iteration: int) -> Path:
@@ -49,9 +51,9 @@ def iter_dir(run_dir: Path, iteration: int) -> Path:
 
 
 def stage_dir(run_dir: Path, stage: str, iteration: int | None = None) -> Path:
-    """The output folder of a stage: `<run>/samples`, or `<run>/iter-NNN/<stage>`."""
-    if stage == "samples":
-        return Path(run_dir) / "samples"
+    """The output folder of a stage: `<run>/samples` (a RUN_STAGES one), or `<run>/iter-NNN/<stage>`."""
+    if stage in RUN_STAGES:
+        return Path(run_dir) / stage
     if iteration is None:
         raise ValueError(f"stage {stage} needs an iteration")
     return iter_dir(run_dir, iteration) / stage

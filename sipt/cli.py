@@ -182,6 +182,44 @@ def pair(
     _report(stage.run(run, cfg, iteration, force=force, show_progress=progress), f"pair iter {iteration}")
 
 
+@app.command("judge-data")
+def judge_data(
+    run: RunOpt,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="Corruptor: oracle, hf, vllm or openai (judge_data.engine).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Corruptor model folder or served name (judge_data.model).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Train samples to corrupt and label (judge_data.samples).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Build a judge's training set (paper §6.5): corrupted pairs in both orders, unanimous safety labels: judge-data/."""
+    from stages import judge_data as stage
+
+    flags = {"judge_data.engine": engine, "judge_data.model": model, "judge_data.samples": samples}
+    cfg = _resolve(run, config, set_, flags, force, stage)
+    _report(stage.run(run, cfg, force=force, show_progress=progress), "judge-data")
+
+
+@app.command("judge-train")
+def judge_train(
+    run: RunOpt,
+    mode: Annotated[Optional[str], typer.Option(help="verdict or grpo (judge_train.mode).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder to start from (judge_train.model).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="judge_train.steps")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Train a judge on judge-data (verdict-only or GRPO): judge-train/, a Hugging Face folder for judge.model."""
+    from stages import judge_train as stage
+
+    flags = {"judge_train.mode": mode, "judge_train.model": model, "judge_train.steps": steps}
+    cfg = _resolve(run, config, set_, flags, force, stage)
+    _report(stage.run(run, cfg, force=force, show_progress=progress), "judge-train")
+
+
 models_app = typer.Typer(help="Models that ship inside Python packages, exported as Hugging Face folders.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")

@@ -413,3 +413,10 @@ def reference_markdown() -> str:
 def readme_with_reference(readme: str) -> str:
     """README text with the generated config reference between its two marker comments."""
     return config_toml.readme_with_reference(readme, SECTIONS)
+
+
+# The judge-training stages' sections (they build on EngineConfig, so they are imported last).
+from sipt.judge_sections import JudgeDataConfig, JudgeTrainConfig  # noqa: E402
+
+register_section("judge_data", JudgeDataConfig)
+register_section("judge_train", JudgeTrainConfig)
