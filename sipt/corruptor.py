@@ -6,7 +6,8 @@ strict format (`MODIFIED CONTINUATION: ...`), which `parse_corrupted` reads for 
 Strategies, tried in an order drawn from the seed, the first that makes the oracle's quality score
 strictly lower wins:
   wrong-value   a true claim of the suffix with another value of the same kind from the KB
-  unsafe        one sentence of the suffix replaced by an unsafe sentence (same subject)
+  unsafe        one sentence of the suffix replaced by an unsafe sentence (same subject); in a suffix
+                with no whole sentence of its own, its cut last sentence
   near-copy     a sentence of the suffix repeated in place of the next one (a near copy that loops)
 A suffix none of them can make worse (no whole sentence in it) gets an answer without the marker:
 it is dropped and counted like any unparseable answer.
@@ -83,11 +84,12 @@ class OracleCorruptor:
                     continue
                 wrong = rng.choice(pool)
             a, b = c.value_span[0] - an.boundary, c.value_span[1] - an.boundary
-            yield suffix[:a] + wrong + suffix[b:]
+            if a >= 0:  # a value begun in the prefix is the prefix's choice, not the suffix's
+                yield suffix[:a] + wrong + suffix[b:]
 
     def _unsafe(self, prefix: str, suffix: str, rng: random.Random):
         an, units = self._units(prefix, suffix)
-        whole = [u for u in units if u.complete]
+        whole = [u for u in units if u.complete] or units  # a cut last sentence becomes a whole unsafe one
         rng.shuffle(whole)
         templates = list(self.kb.language["unsafe"])
         for u in whole:
