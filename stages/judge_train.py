@@ -108,31 +108,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ prompts and validation
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """As judge.mode = logprob encodes them (sipt.backends), cut from the left to max_prompt_tokens."""
-        texts = prompts if self.jt.chat else [p + "\n" for p in prompts]
-        return [ids[-self.jt.max_prompt_tokens:] for ids in encode_prompts(self.tok, texts, self.jt.chat)]
+        return prompt_ids(self.tok, prompts, self.jt.chat, self.jt.max_prompt_tokens)
 
     def evaluate(self, rows: list[dict]) -> dict:
-        """Validation accuracy per task and the Option-1 rate, read from the verdict tokens' logits."""
-        import torch
-
+        """Validation accuracy per task and the Option-1 rate (judge.mode = logprob's verdicts)."""
         out = {}
-        self.model.eval()
         for task in TASKS:
             picked = [r for r in rows if r["task"] == task]
             if self.jt.eval_limit:
                 picked = picked[: self.jt.eval_limit]
-            head, firsts = self.options[task]
-            values = [v for _, v in OBJECTIVES[task].options]
-            preds = []
-            for k in range(0, len(picked), 16):
-                batch = picked[k:k + 16]
-                seqs = [p + head for p in self.prompt_ids([r["prompt"] for r in batch])]
-                ids, mask = _pad(seqs, self.tok.pad_token_id, left=True)
-                with torch.no_grad():
-                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, -1]
-                best = logits[:, firsts].argmax(-1).tolist()
-                preds += [values[b] for b in best]
+            preds = verdicts(self.model, self.tok, [r["prompt"] for r in picked], task, chat=self.jt.chat,
+                             max_prompt_tokens=self.jt.max_prompt_tokens, device=self.device)
             out[f"val_{task}_acc"] = round(sum(p == r["label"] for p, r in zip(preds, picked)) / max(1, len(picked)), 4)
             if task == "quality":
                 out["option1_rate"] = round(sum(p == 1.0 for p in preds) / max(1, len(preds)), 4)
@@ -332,6 +318,32 @@ class Trainer:
             self._truncate_log(int(Path(last).name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=last)
         self.model = trainer.model
+
+
+def prompt_ids(tok, prompts: list[str], chat: bool, max_prompt_tokens: int) -> list[list[int]]:
+    """As judge.mode = logprob encodes prompts (sipt.backends), cut from the left to max_prompt_tokens."""
+    texts = prompts if chat else [p + "\n" for p in prompts]
+    return [ids[-max_prompt_tokens:] for ids in encode_prompts(tok, texts, chat)]
+
+
+def verdicts(model, tok, prompts: list[str], task: str, *, chat: bool, max_prompt_tokens: int, device: str,
+             batch: int = 16) -> list[float]:
+    """The verdict value judge.mode = logprob reads for each prompt: the likelier option token after
+    the forced answer prefix (a hard verdict; the judge stage keeps the soft one)."""
+    import torch
+
+    head, firsts = verdict_tokens(tok, task)
+    values = [v for _, v in OBJECTIVES[task].options]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    model.eval()
+    for k in range(0, len(prompts), batch):
+        seqs = [p + head for p in prompt_ids(tok, prompts[k:k + batch], chat, max_prompt_tokens)]
+        ids, mask = _pad(seqs, pad, left=True)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1]
+        out += [values[b] for b in logits[:, firsts].argmax(-1).tolist()]
+    return out
 
 
 def _kill_point(step: int) -> None:

@@ -11,13 +11,13 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
-    for name in "init world shard rewrite rollout judge pair train eval report loop status".split():
+    for name in "init world shard rewrite rollout judge pair train eval report loop status judge-data judge-train".split():
         assert f" {name} " in result.output, name
 
 
 def test_every_command_has_help():
     for name in ("init", "shard", "rollout", "rewrite", "judge", "pair", "train", "eval", "loop", "report",
-                 "plan", "status", "world"):
+                 "plan", "status", "world", "judge-data", "judge-train"):
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, name
         assert "not implemented" not in result.output
