@@ -350,6 +350,10 @@ def run_status(run_dir: Path, cfg_hash_fn=None, cfg=None) -> list[dict]:
         return i < cfg.run.iterations and stage in iteration_stages(cfg)
 
     add("samples", None, stage_dir(run_dir, "samples"))
+    for stage in RUN_STAGES[1:]:  # the judge-training stages: listed when a run has them
+        folder = stage_dir(run_dir, stage)
+        if folder.exists() or (folder.parent / f".{folder.name}.tmp").exists():
+            add(stage, None, folder)
     iters = iterations(run_dir) or [0]
     for i in iters:
         for stage in ITER_STAGES:
