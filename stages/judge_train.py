@@ -99,6 +99,7 @@ class Trainer:
         self.cfg, self.jt, self.out, self.show_progress = cfg, cfg.judge_train, Path(out), show_progress
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.jt.device == "auto" else self.jt.device
         self.checkpoint = self.out / "checkpoint"
+        self._tb = None  # the TensorBoard writer, opened on the first log line
         start = self.checkpoint if (self.checkpoint / "state.json").exists() and self.jt.mode == "verdict" else folder
         self.tok = AutoTokenizer.from_pretrained(folder)
         if self.tok.pad_token_id is None:
@@ -126,8 +127,20 @@ class Trainer:
         return out
 
     def log(self, record: dict) -> None:
+        """One line of log.jsonl, and its numbers as TensorBoard scalars in tb/ when tensorboard is installed."""
         with (self.out / LOG).open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+            else:  # purge_step: a resumed run's redone steps replace the old ones
+                self._tb = SummaryWriter(str(self.out / "tb"), purge_step=record["step"])
+        if self._tb:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"judge_train/{key}", value, record["step"])
 
     # ------------------------------------------------------------------ training
     def fit(self, train: list[dict], validation: list[dict]) -> dict:
@@ -139,6 +152,8 @@ class Trainer:
             self._grpo(train, validation)
         after = self.evaluate(validation)
         self.log({"step": self.jt.steps, "final": True, **after})
+        if self._tb:
+            self._tb.close()
         self.model.save_pretrained(self.out)
         self.tok.save_pretrained(self.out)
         shutil.rmtree(self.checkpoint, ignore_errors=True)

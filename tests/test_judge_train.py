@@ -173,3 +173,4 @@ def test_judge_train_resumes_after_sigkill(wrun):
     log = [json.loads(line) for line in (wrun / "judge-train" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 after the resume, none twice
     assert len([r for r in log if r["step"] == 0]) == 1  # the starting model was evaluated once
+    assert any((wrun / "judge-train" / "tb").glob("events.*"))  # the same numbers as TensorBoard scalars
