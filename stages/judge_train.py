@@ -190,7 +190,7 @@ class Trainer:
             self._truncate_log(step)
             opt.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
             sched.load_state_dict(torch.load(self.checkpoint / "scheduler.pt", weights_only=True))
-        order = _order(len(train), jt.batch_size, jt.steps, self.cfg.run.seed)
+        order = _order(train, jt.batch_size, jt.steps, self.cfg.run.seed)
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         with progress_bar("judge-train (verdict)", total=jt.steps, unit="steps", enabled=self.show_progress) as bar:
             bar.advance(step)
@@ -384,16 +384,23 @@ def verdict_tokens(tok, task: str) -> tuple[list[int], list[int]]:
     return fulls[0][:k], firsts
 
 
-def _order(n: int, batch: int, steps: int, seed: int) -> list[list[int]]:
-    """Row indices of every step's batch: seeded epochs of shuffled rows (the same on a resumed run)."""
+def _order(rows: list[dict], batch: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices of every step's batch: seeded epochs of shuffled groups, the same on a resumed run.
+    A group is a sample's rows of one task, so both orders of a quality pair share a batch: a step can
+    then not lower the loss by moving the verdict towards one position, only by reading the texts."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r["task"], r["sample_id"]), []).append(i)
+    units = list(groups.values())
     rng, pool, out = random.Random(seed), [], []
     for _ in range(steps):
-        while len(pool) < batch:
-            epoch = list(range(n))
-            rng.shuffle(epoch)
-            pool += epoch
-        out.append(pool[:batch])
-        pool = pool[batch:]
+        picked: list[int] = []
+        while len(picked) < batch:
+            if not pool:
+                pool = units[:]
+                rng.shuffle(pool)
+            picked += pool.pop()
+        out.append(picked)
     return out
 
 
