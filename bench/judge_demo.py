@@ -7,7 +7,7 @@ From the demo (`make loop`: RUN/world, RUN/sipt, RUN/base), into RUN/judge:
      oracle on real candidate pairs (two rollouts of one prefix from RUN/sipt/iter-NNN/rollout, both
      orders, the pairs the oracle does not call a tie), each with a 95% Wilson interval and its n.
 Verdicts are read as judge.mode = logprob reads them. Printed as Markdown (the README pastes it).
-Run: python bench/judge_demo.py [--run runs/demo] [--steps 200] [--iter 7] [--prefixes 128]
+Run: python bench/judge_demo.py [--run runs/demo] [--steps 300] [--iter 7] [--prefixes 128]
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--model", type=Path, default=None, help="default: RUN/base/iter-006/policy (the warm start)")
     ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--iter", type=int, default=7, help="the SIPT iteration whose rollouts give the real pairs")
     ap.add_argument("--prefixes", type=int, default=128)
     args = ap.parse_args()
