@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Callable
 
 from sipt.engines import ENGINES, Generation, Sampling, encode_prompts, make_engine
 from sipt.errors import SiptError
+from sipt.objectives import OBJECTIVES, load_template, render
 
 if TYPE_CHECKING:
     from sipt.judging import Call
 
-# sipt.judging imports this module (it re-exports the backends), so the objective declarations and
-# templates are imported from it inside the functions that use them.
 
 
 class OracleBackend:
@@ -65,15 +64,11 @@ class EngineBackend:
         self._options: dict[str, tuple[list[int], list[int]]] = {}
 
     def prompt(self, c: Call) -> str:
-        from sipt.judging import render
-
         if len(c.texts) == 2:
             return render(self.templates[c.objective], prefix=c.prefix, option_1=c.texts[0], option_2=c.texts[1])
         return render(self.templates[c.objective], prefix=c.prefix, candidate=c.texts[0], reference=c.reference)
 
     def identity(self, c: Call) -> tuple[str, dict]:
-        from sipt.judging import OBJECTIVES
-
         if self.mode == "logprob":
             o = OBJECTIVES[c.objective]
             return self.prompt(c), {"mode": "logprob", "chat": self.chat, "answer": o.answer_prefix,
@@ -102,32 +97,16 @@ class EngineBackend:
 
     def option_tokens(self, objective: str) -> tuple[list[int], list[int]]:
         """(token ids of the forced answer prefix, first token id of each option after it)."""
-        from sipt.judging import OBJECTIVES
-
         if objective not in self._options:
-            tok = self.engine.tokenizer
-            o = OBJECTIVES[objective]
-            fulls = [tok(o.answer_prefix + text, add_special_tokens=False).input_ids for text, _ in o.options]
-            # The forced answer is the tokens all options share ("Conclusion: Option" and, where a
-            # tokenizer splits " 1" into " " + "1", the space); each option is its next token.
-            k = min(_common(full, fulls[0]) for full in fulls)
-            head, firsts = fulls[0][:k], [full[k] if k < len(full) else -1 for full in fulls]
-            if -1 in firsts or len(set(firsts)) != len(firsts):
-                raise SiptError(f"judge.mode = 'logprob': the {objective} verdict options "
-                                f"{[t for t, _ in o.options]} do not begin with distinct tokens in this "
-                                "model's tokenizer; use mode = 'generate'")
-            self._options[objective] = (head, firsts)
+            try:
+                self._options[objective] = verdict_tokens(self.engine.tokenizer, objective)
+            except SiptError as e:
+                raise SiptError(f"judge.mode = 'logprob': {e}; use mode = 'generate'") from None
         return self._options[objective]
 
     def _logprobs(self, objective: str, calls: list[Call]) -> None:
-        from sipt.judging import OBJECTIVES
-
         head, firsts = self.option_tokens(objective)
-        tok = self.engine.tokenizer
-        if self.chat:
-            ids = encode_prompts(tok, [c.prompt for c in calls], True)
-        else:
-            ids = encode_prompts(tok, [c.prompt + "\n" for c in calls], False)
+        ids = logprob_prompt_ids(self.engine.tokenizer, [c.prompt for c in calls], self.chat)
         rows = self.engine.next_token_logprobs([[*p, *head] for p in ids], firsts)
         names = [t for t, _ in OBJECTIVES[objective].options]
         for c, row in zip(calls, rows):
@@ -135,6 +114,26 @@ class EngineBackend:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def verdict_tokens(tok, objective: str) -> tuple[list[int], list[int]]:
+    """How logprob mode reads a verdict: (the token ids of the forced answer prefix, the first token id
+    of each option after it). The forced answer is the tokens all options share ("Conclusion: Option"
+    and, where a tokenizer splits " 1" into " " + "1", the space); each option is its next token."""
+    o = OBJECTIVES[objective]
+    fulls = [tok(o.answer_prefix + text, add_special_tokens=False).input_ids for text, _ in o.options]
+    k = min(_common(full, fulls[0]) for full in fulls)
+    head, firsts = fulls[0][:k], [full[k] if k < len(full) else -1 for full in fulls]
+    if -1 in firsts or len(set(firsts)) != len(firsts):
+        raise SiptError(f"the {objective} verdict options {[t for t, _ in o.options]} do not begin with "
+                        "distinct tokens in this model's tokenizer")
+    return head, firsts
+
+
+def logprob_prompt_ids(tok, prompts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of judge prompts as logprob mode feeds them (the answer prefix follows): a chat
+    turn, or the plain prompt and a newline."""
+    return encode_prompts(tok, prompts if chat else [p + "\n" for p in prompts], chat)
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -152,8 +151,6 @@ def make_backend(run_dir: Path, j, temperature: float | None = None):
 
         return OracleBackend(oracle_kb(j.world, run_dir, "judge", "judge.world"), j.noise)
     from sipt import artifacts
-    from sipt.judging import OBJECTIVES, load_template
-
     templates = {o: load_template(o, j.templates.get(o, "")) for o in OBJECTIVES}
     engine = make_engine(j)
     model_id = j.model  # in the cache key: a folder by its files' contents (wherever it is), a server by its address

@@ -131,8 +131,8 @@ def save_checkpoint(path: Path, model, opt, sched, global_step: int, step: int) 
     os.replace(marker.with_name(marker.name + ".partial"), marker)
 
 
-def truncate_log(path: Path, step: int) -> int | None:
-    """Keep the log lines of the steps up to `step` (the restored checkpoint's, 0 without one): a
+def truncate_log(path: Path, step: int, key: str = "iter_step") -> int | None:
+    """Keep the log lines whose `key` is at most `step` (the restored checkpoint's, 0 without one): a
     resumed stage redoes the steps after it and logs them again. A line cut by a kill is dropped.
     Returns the last global step logged before (None: nothing), which the trackers already have."""
     if not path.exists():
@@ -146,7 +146,7 @@ def truncate_log(path: Path, step: int) -> int | None:
         if not isinstance(entry, dict):
             continue
         sent = max(sent or 0, int(entry.get("step", 0)))
-        if entry.get("iter_step", 0) <= step:
+        if entry.get(key, 0) <= step:
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text("".join(kept))

@@ -29,10 +29,11 @@ import pyarrow.compute as pc
 
 from sipt import artifacts
 from sipt.config import Config
-from sipt.engines import encode_prompts
+from sipt.backends import logprob_prompt_ids, verdict_tokens
 from sipt.errors import SiptError
 from sipt.objectives import OBJECTIVES
 from sipt.progress import progress_bar
+from sipt.training import truncate_log
 
 SECTIONS = ["run.seed", "judge_train"]
 TASKS = ("quality", "safety")
@@ -187,7 +188,7 @@ class Trainer:
         state = self.checkpoint / "state.json"
         if state.exists():  # resume: the model was loaded from the checkpoint in __init__
             step = json.loads(state.read_text())["step"]
-            self._truncate_log(step)
+            truncate_log(self.out / LOG, step, key="step")
             opt.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
             sched.load_state_dict(torch.load(self.checkpoint / "scheduler.pt", weights_only=True))
         order = _order(train, jt.batch_size, jt.steps, self.cfg.run.seed)
@@ -244,22 +245,6 @@ class Trainer:
         if (target == 1).any():
             loss = loss + (ce * (target == 1)).sum() / (target == 1).sum()
         return loss
-
-    def _truncate_log(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: their old log lines (and a line cut by
-        the kill) go."""
-        log = self.out / LOG
-        if not log.exists():
-            return
-        keep = []
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        log.write_text("".join(k + "\n" for k in keep))
 
     def _save_checkpoint(self, step: int, opt, sched) -> None:
         """Model, optimizer and scheduler, written beside and swapped in whole (a kill leaves the old one)."""
@@ -330,15 +315,14 @@ class Trainer:
             trainer.remove_callback(PrinterCallback)
         last = get_last_checkpoint(str(self.out / "grpo")) if (self.out / "grpo").is_dir() else None
         if last:
-            self._truncate_log(int(Path(last).name.rsplit("-", 1)[1]))
+            truncate_log(self.out / LOG, int(Path(last).name.rsplit("-", 1)[1]), key="step")
         trainer.train(resume_from_checkpoint=last)
         self.model = trainer.model
 
 
 def prompt_ids(tok, prompts: list[str], chat: bool, max_prompt_tokens: int) -> list[list[int]]:
     """As judge.mode = logprob encodes prompts (sipt.backends), cut from the left to max_prompt_tokens."""
-    texts = prompts if chat else [p + "\n" for p in prompts]
-    return [ids[-max_prompt_tokens:] for ids in encode_prompts(tok, texts, chat)]
+    return [ids[-max_prompt_tokens:] for ids in logprob_prompt_ids(tok, prompts, chat)]
 
 
 def verdicts(model, tok, prompts: list[str], task: str, *, chat: bool, max_prompt_tokens: int, device: str,
@@ -368,20 +352,6 @@ def _kill_point(step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def verdict_tokens(tok, task: str) -> tuple[list[int], list[int]]:
-    """(the forced answer prefix's tokens, each option's first token after it), as judge.mode = logprob
-    reads a verdict (sipt.backends.EngineBackend.option_tokens)."""
-    o = OBJECTIVES[task]
-    fulls = [tok(o.answer_prefix + text, add_special_tokens=False).input_ids for text, _ in o.options]
-    k = 0
-    while all(len(f) > k for f in fulls) and len({f[k] for f in fulls}) == 1:
-        k += 1
-    firsts = [f[k] if k < len(f) else -1 for f in fulls]
-    if -1 in firsts or len(set(firsts)) != len(firsts):
-        raise SiptError(f"the {task} verdict options do not begin with distinct tokens in this tokenizer")
-    return fulls[0][:k], firsts
 
 
 def _order(rows: list[dict], batch: int, steps: int, seed: int) -> list[list[int]]:
