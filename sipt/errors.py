@@ -15,3 +15,9 @@ class StageInterrupted(Exception):
     The stage keeps its finished parts and marks itself failed; rerunning the same command once the
     cause is gone continues where it stopped. The CLI prints the message and exits 3.
     """
+
+
+def one_of(names) -> str:
+    """'a, b or c': choices in a message or a help text."""
+    *some, last = list(names) or [""]
+    return f"{', '.join(some)} or {last}" if some else last

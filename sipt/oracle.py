@@ -62,6 +62,7 @@ from typing import Any
 
 import regex
 
+from sipt.errors import one_of
 from sipt.grammar import (
     _WORD, NAME, Analysis, Claim, Grammar, Pattern, Unit, _fix_value, _segments, _subject_text)
 from sipt.kb import ENTITY_TYPES, PRONOUN_WORDS, KnowledgeBase, load_kb
@@ -377,7 +378,7 @@ class OracleJudge:
         objective = OBJECTIVES.get(task)
         if objective is None or objective.oracle is None:
             known = [o for o, d in OBJECTIVES.items() if d.oracle is not None]
-            raise ValueError(f"unknown judge task '{task}'; use {', '.join(known[:-1])} or {known[-1]}")
+            raise ValueError(f"unknown judge task '{task}'; use {one_of(known)}")
         return objective.oracle(self, prefix, candidates, reference)
 
 

@@ -32,6 +32,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Generator
 
+from sipt.errors import one_of
+
 PIVOT = -1  # the original suffix as pivot when it is not itself a candidate
 Match = tuple[int, int, int]  # (i, j, block): block 0 = the first round of verdicts, 1 = a replay
 Scheme = Generator[list[Match], list[list[float]], "tuple[int, int] | None"]
@@ -130,15 +132,11 @@ def comparisons_needed(scheme: str, n: int, suffix_is_candidate: bool = True) ->
     return SCHEMES[scheme].comparisons(n, suffix_is_candidate)
 
 
-def _listed(parts: list[str]) -> str:
-    return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else "".join(parts)
-
-
 def names() -> str:
     """'all-pairs, pivot or knockout': the registered schemes."""
-    return _listed(list(SCHEMES))
+    return one_of(SCHEMES)
 
 
 def described() -> str:
     """'all-pairs (…), pivot (…) or knockout (…)': the registered schemes with their help."""
-    return _listed([f"{s.name} ({s.help})" for s in SCHEMES.values()])
+    return one_of(f"{s.name} ({s.help})" for s in SCHEMES.values())

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from sipt.errors import SiptError
+from sipt.errors import SiptError, one_of
 
 if TYPE_CHECKING:  # sipt.config reads ENGINES from here: no import of it at load
     from sipt.config import EngineConfig
@@ -189,8 +189,7 @@ def names(*, policy: bool | None = None) -> list[str]:
 
 def policy_engines() -> str:
     """The engines that can generate from a policy, for messages: "hf, vllm or openai"."""
-    *some, last = names(policy=True)
-    return f"{', '.join(some)} or {last}" if some else last
+    return one_of(names(policy=True))
 
 
 def make_engine(cfg: EngineConfig, model: str | None = None) -> Engine:
