@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from sipt import artifacts, evaluation, objectives, oracle_metrics
 from sipt.config import Config, check_model
-from sipt.engines import Sampling, make_engine
+from sipt.engines import ENGINES, Sampling, make_engine, policy_engines
 from sipt.errors import SiptError
 from sipt.objectives import OBJECTIVES
 from sipt.oracle_metrics import AT_RISK, GT, at_risk_set  # noqa: F401 - re-exported
@@ -50,8 +50,9 @@ def check(cfg: Config, run_dir: Path) -> None:
     bad = [o for o in e.objectives if o not in OBJECTIVES]
     if bad:
         raise SiptError(f"eval.objectives: unknown {bad[0]!r}; objectives are {', '.join(OBJECTIVES)}")
-    if e.engine == "oracle":
-        raise SiptError("eval.engine = 'oracle': the oracle only judges; the policy generates with hf, vllm or openai")
+    if e.engine in ENGINES and not ENGINES[e.engine].policy:
+        raise SiptError(f"eval.engine = '{e.engine}': the {e.engine} only judges; the policy generates with "
+                        f"{policy_engines()}")
     if e.prompts < 1 or e.judge_seeds < 1:
         raise SiptError("eval.prompts and eval.judge_seeds must be >= 1")
     if e.at_risk_prompts < 0:
@@ -113,10 +114,6 @@ def same_tokenizer(a: Path, b: Path) -> bool:
     return fa.exists() and fb.exists() and fa.read_bytes() == fb.read_bytes()
 
 
-def _max_new(cfg: Config) -> int:
-    return cfg.new_tokens("eval")
-
-
 def prompt_encoder(model_dir: Path, cfg: Config, run_dir: Path):
     """A function row -> the prompt token ids the model in `model_dir` continues: the row's
     `prefix_ids` when the model shares the run's tokenizer, else its `prefix_text` encoded by the
@@ -124,7 +121,7 @@ def prompt_encoder(model_dir: Path, cfg: Config, run_dir: Path):
     the document (`prefix_start` 0), left-truncated to leave room for the new tokens."""
     from transformers import AutoConfig, AutoTokenizer
 
-    max_new = _max_new(cfg)
+    max_new = cfg.new_tokens("eval")
     tok = AutoTokenizer.from_pretrained(model_dir)
     context = int(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 0) or 1 << 30)
     if context <= max_new:
@@ -149,7 +146,7 @@ def generate_prompts(model_dir: Path, prompt_sets: list[list[list[int]]], cfg: C
     engine on the model in `model_dir` (or eval.model). Each set is its own generate call, so a
     set's generations do not depend on the other sets (batches never mix them)."""
     e = cfg.eval
-    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=_max_new(cfg), seed=seed)
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.new_tokens("eval"), seed=seed)
     if not any(prompt_sets):
         return [[] for _ in prompt_sets]
     engine = make_engine(e, e.model or str(model_dir))
@@ -176,7 +173,7 @@ def cached_generations(run_dir: Path, model_dir: Path, rows: list[dict], cfg: Co
     is keyed by its files' contents, so a copied or moved run (or baseline) reuses the cache."""
     e = cfg.eval
     key = json.dumps([artifacts.content_fingerprint(model_dir), [r["sample_id"] for r in rows],
-                      _max_new(cfg), e.engine, e.model, e.dtype, seed])
+                      cfg.new_tokens("eval"), e.engine, e.model, e.dtype, seed])
     path = Path(run_dir) / "cache" / "eval" / f"{artifacts._sha(key.encode())}.parquet"
     if path.exists():
         return pq.read_table(path).to_pylist()
