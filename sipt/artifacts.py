@@ -43,7 +43,7 @@ FAILED = "_FAILED.json"
 # that iteration come from (written by `init` for iter-000 and by the previous `train` after).
 ITER_STAGES = ["policy", "rollout", "rewrite", "judge", "pair", "train", "eval"]
 # Stages of the run, not of an iteration: `<run>/<name>`.
-RUN_STAGES = ("samples", "judge-data", "judge-train")
+RUN_STAGES = ("samples", "judge-data", "judge-train", "rewriter-train")
 
 
 def iter_dir(run_dir: Path, iteration: int) -> Path:
@@ -350,7 +350,7 @@ def run_status(run_dir: Path, cfg_hash_fn=None, cfg=None) -> list[dict]:
         return i < cfg.run.iterations and stage in iteration_stages(cfg)
 
     add("samples", None, stage_dir(run_dir, "samples"))
-    for stage in RUN_STAGES[1:]:  # the judge-training stages: listed when a run has them
+    for stage in RUN_STAGES[1:]:  # the judge- and rewriter-training stages: listed when a run has them
         folder = stage_dir(run_dir, stage)
         if folder.exists() or (folder.parent / f".{folder.name}.tmp").exists():
             add(stage, None, folder)

@@ -236,6 +236,35 @@ def reward_chart(d: dict, out: Path) -> dict | None:
     return {"file": "reward_by_source.png", "sources": sources}
 
 
+def rewriter_chart(curves: list[dict], out: Path) -> dict | None:
+    """rewriter_train.png (PAPER Figs. 6-7): the rewriter's validation curves per training step: on
+    safe suffixes the exact-copy rate and token overlap, on unsafe ones the mean reward, the judge-safe
+    rate and token overlap (all in %)."""
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = (("Safe suffixes (copy)", (("val_safe_exact", "exact copy"), ("val_safe_overlap", "token overlap"))),
+              ("Unsafe suffixes (rewrite)", (("val_unsafe_reward", "mean reward"), ("val_unsafe_safe", "judged safe"),
+                                             ("val_unsafe_overlap", "token overlap"))))
+    drawn = {}
+    for ax, (title, keys) in zip(axes, panels):
+        for k, (key, label) in enumerate(keys):
+            pts = [(c["step"], 100 * c[key]) for c in curves if c.get(key) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=f"C{k}")
+                drawn[key] = len(pts)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("%")
+        ax.set_ylim(-2, 102)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rewriter_train.png", dpi=100)
+    plt.close(fig)
+    return {"file": "rewriter_train.png", "drawn": drawn}
+
+
 def write_charts(runs: list[dict], out: Path, point: Point) -> list[tuple[str, str]]:
     """Every chart the runs have data for, written into `out`: (section title, PNG file name)."""
     charts = []

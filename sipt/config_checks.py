@@ -38,6 +38,14 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "eval.prompts": (1, None), "eval.max_new_tokens": (0, None), "eval.judge_seeds": (1, None),
     "eval.judge_temperature": (0, None), "eval.max_invalid_share": (0, 1), "eval.at_risk_prompts": (0, None), "eval.lm_eval_limit": (0, None),
     "eval.lm_eval_batch_size": (1, None),
+    "rewriter_train.warmup_steps": (0, None), "rewriter_train.steps": (0, None),
+    "rewriter_train.batch_size": (1, None), "rewriter_train.lr": (0, None), "rewriter_train.warmup_lr": (0, None),
+    "rewriter_train.weight_decay": (0, None), "rewriter_train.max_prompt_tokens": (1, None),
+    "rewriter_train.generations": (2, None), "rewriter_train.temperature": (0, None),
+    "rewriter_train.top_p": (0, 1), "rewriter_train.max_completion_tokens": (0, None),
+    "rewriter_train.beta": (0, None), "rewriter_train.judge_seeds": (1, None),
+    "rewriter_train.unsafe_share": (0, 1), "rewriter_train.eval_every": (0, None),
+    "rewriter_train.eval_limit": (0, None), "rewriter_train.checkpoint_every": (0, None),
 }
 
 

@@ -1,15 +1,72 @@
-"""The toy world's exact rewriter (PAPER.md §5.1): correct false values, make unsafe sentences safe."""
+"""The rewriter's prompt and answer handling (what `sipt rewrite` sends and keeps; `sipt rewriter-train`
+trains on the same), and the toy world's exact rewriter (PAPER.md §5.1): correct false values, make
+unsafe sentences safe."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sipt.errors import SiptError
 from sipt.grammar import _WORD, Analysis, Unit, _fix_value
 from sipt.kb import KnowledgeBase, realize
 
 if TYPE_CHECKING:
     from sipt.oracle import OracleJudge
+
+
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts"
+START_TAGS = ("<Rewritten continuation start>", "<Continuation X start>")
+END_TAGS = ("<Rewritten continuation end>", "<Continuation X end>", "<Context C", "<Continuation X start>")
+
+
+def load_template(name: str) -> str:
+    path = Path(name) if name.endswith(".txt") else PROMPTS / f"{name}.txt"
+    if not path.exists():
+        raise SiptError(f"rewrite.template = {name!r}: no such template ({path})")
+    return path.read_text()
+
+
+def prefix_ending(prefix: str, words: int) -> str:
+    """The last `words` words of the prefix, exactly as they appear (so ending + suffix is the text)."""
+    starts = [m.start() for m in re.finditer(r"\S+", prefix)]
+    if words <= 0 or not starts:
+        return ""
+    return prefix[starts[-min(words, len(starts))] :]
+
+
+def rewrite_prompt(template: str, prefix: str, suffix: str, ending: str, suffix_tokens: int) -> str:
+    """The rewriter's prompt for one suffix (what `sipt rewrite` sends and `sipt rewriter-train` trains on)."""
+    return template.format(prefix_ending=ending, suffix=suffix, prefix=prefix, suffix_tokens=suffix_tokens)
+
+
+def clean_answer(answer: str, ending: str) -> str:
+    """Strip a leading start tag and the prefix ending if the model repeated them, and anything
+    from an end tag on."""
+    for tag in START_TAGS:
+        if answer.lstrip().startswith(tag):
+            answer = answer.lstrip()[len(tag):]
+    for tag in END_TAGS:
+        cut = answer.find(tag)
+        if cut >= 0:
+            answer = answer[:cut]
+    stripped = answer.lstrip()
+    if ending and stripped.startswith(ending):
+        answer = stripped[len(ending):]
+    return answer
+
+
+def finish_rewrite(answer: str, ending: str, tok, n_suffix: int, strip: bool = True) -> tuple[str, list[int], bool]:
+    """(text, policy token ids, whether it was cut) of a rewriter's answer as the rewrite stage keeps it:
+    tags and a repeated prefix ending stripped (`strip`: a model's answer), cut to `n_suffix` policy tokens."""
+    text = clean_answer(answer, ending) if strip else answer
+    ids = tok(text, add_special_tokens=False).input_ids
+    cut = len(ids) > n_suffix
+    if cut:
+        ids = ids[:n_suffix]
+        text = tok.decode(ids, skip_special_tokens=True)
+    return text, ids, cut
 
 
 class OracleRewriter:

@@ -161,3 +161,142 @@ def full_state_dict(train_model, model, fsdp: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# -- helpers of the model-training stages (judge-train, rewriter-train) ----------------------------
+
+
+class StepLog:
+    """`log.jsonl` of a training stage, one JSON line per record (each with a "step"), and its numbers
+    as TensorBoard scalars under `tb/` when tensorboard is installed (`tag`/<key>)."""
+
+    def __init__(self, out: Path, tag: str, name: str = "log.jsonl"):
+        self.path, self.out, self.tag, self._tb = Path(out) / name, Path(out), tag, None
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+            else:  # purge_step: a resumed run's redone steps replace the old ones
+                self._tb = SummaryWriter(str(self.out / "tb"), purge_step=record["step"])
+        if self._tb:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{self.tag}/{key}", value, record["step"])
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+
+
+def save_model_checkpoint(folder: Path, model, opt, sched, state: dict) -> None:
+    """A Hugging Face model folder plus optimizer, scheduler and `state.json`, written beside `folder`
+    and swapped in whole (a kill leaves the old one)."""
+    import shutil
+
+    folder = Path(folder)
+    new, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(new, ignore_errors=True)
+    model.save_pretrained(new)
+    torch.save(opt.state_dict(), new / "optimizer.pt")
+    torch.save(sched.state_dict(), new / "scheduler.pt")
+    (new / "state.json").write_text(json.dumps(state))
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model_checkpoint(folder: Path, opt, sched) -> dict:
+    """Restore optimizer and scheduler from a `save_model_checkpoint` folder; its state (the model
+    itself is loaded from the folder by the caller)."""
+    folder = Path(folder)
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return json.loads((folder / "state.json").read_text())
+
+
+def kill_point(step: int) -> None:
+    """A deterministic crash for the resume tests: SIPT_KILL_AT_STEP=N SIGKILLs the process right
+    after the checkpoint of step N is written. Unset (always, outside tests) it does nothing."""
+    if os.environ.get("SIPT_KILL_AT_STEP", "") == str(step):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pad(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded to one width, on the left (generation) or right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        if left:
+            ids[k, width - len(s):], mask[k, width - len(s):] = torch.tensor(s), 1
+        else:
+            ids[k, :len(s)], mask[k, :len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+def target_loss(model, prompts: list[list[int]], targets: list[list[int]], pad_id: int, device):
+    """Mean cross-entropy of each target's tokens given its prompt (prompt tokens are not trained)."""
+    import torch.nn.functional as F
+
+    ids, mask = pad([p + t for p, t in zip(prompts, targets)], pad_id, left=False)
+    on = torch.zeros_like(ids)
+    for k, (p, t) in enumerate(zip(prompts, targets)):
+        on[k, len(p):len(p) + len(t)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(device),
+                         reduction="none").view(ids.shape[0], -1)
+    on = on[:, 1:].to(device)
+    return (ce * on).sum() / on.sum().clamp(min=1)
+
+
+def grpo_train(section, out: Path, model, tok, reward, data, callback, *, seed: int, device: str,
+               show_progress: bool, max_completion: int, log_path: Path, step_offset: int = 0,
+               shuffle: bool = True):
+    """Train `model` with TRL's GRPOTrainer on `data` (a datasets.Dataset with a "prompt" column) and
+    the reward function `reward`; the knobs (steps, batch_size, generations, temperature, top_p, lr,
+    lr_scheduler, weight_decay, beta, checkpoint_every) are the stage's `section`. Checkpoints go to
+    `out`/grpo; a rerun resumes from the last one, its log (`log_path`, lines keyed "step", offset by
+    `step_offset`) cut back to it. Returns the trained model."""
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    s = section
+    args = GRPOConfig(
+        output_dir=str(out / "grpo"), max_steps=s.steps, per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1, num_generations=s.generations, temperature=s.temperature,
+        top_p=s.top_p, learning_rate=s.lr, lr_scheduler_type=s.lr_scheduler, weight_decay=s.weight_decay,
+        max_completion_length=max_completion, beta=s.beta, seed=seed, shuffle_dataset=shuffle,
+        save_strategy="steps" if s.checkpoint_every else "no", save_steps=s.checkpoint_every or 500,
+        logging_steps=1, report_to=[], disable_tqdm=not show_progress,
+        use_cpu=device == "cpu", bf16=device != "cpu" and torch.cuda.is_bf16_supported(),
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[callback])
+    if not show_progress:  # TRL would print every step's logs instead of the bar
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    last = get_last_checkpoint(str(out / "grpo")) if (out / "grpo").is_dir() else None
+    if last:
+        truncate_log(log_path, step_offset + int(Path(last).name.rsplit("-", 1)[1]), key="step")
+    trainer.train(resume_from_checkpoint=last)
+    return trainer.model

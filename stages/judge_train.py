@@ -19,7 +19,6 @@ resumes from it when rerun.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -33,7 +32,8 @@ from sipt.backends import logprob_prompt_ids, verdict_tokens
 from sipt.errors import SiptError
 from sipt.objectives import OBJECTIVES
 from sipt.progress import progress_bar
-from sipt.training import truncate_log
+from sipt.training import (StepLog, grpo_train, kill_point, load_model_checkpoint, pad, save_model_checkpoint,
+                           truncate_log)
 
 SECTIONS = ["run.seed", "judge_train"]
 TASKS = ("quality", "safety")
@@ -100,7 +100,7 @@ class Trainer:
         self.cfg, self.jt, self.out, self.show_progress = cfg, cfg.judge_train, Path(out), show_progress
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if self.jt.device == "auto" else self.jt.device
         self.checkpoint = self.out / "checkpoint"
-        self._tb = None  # the TensorBoard writer, opened on the first log line
+        self.log = StepLog(self.out, "judge_train")
         start = self.checkpoint if (self.checkpoint / "state.json").exists() and self.jt.mode == "verdict" else folder
         self.tok = AutoTokenizer.from_pretrained(folder)
         if self.tok.pad_token_id is None:
@@ -127,22 +127,6 @@ class Trainer:
         self.model.train()
         return out
 
-    def log(self, record: dict) -> None:
-        """One line of log.jsonl, and its numbers as TensorBoard scalars in tb/ when tensorboard is installed."""
-        with (self.out / LOG).open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._tb = False
-            else:  # purge_step: a resumed run's redone steps replace the old ones
-                self._tb = SummaryWriter(str(self.out / "tb"), purge_step=record["step"])
-        if self._tb:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"judge_train/{key}", value, record["step"])
-
     # ------------------------------------------------------------------ training
     def fit(self, train: list[dict], validation: list[dict]) -> dict:
         t0 = time.time()
@@ -153,8 +137,7 @@ class Trainer:
             self._grpo(train, validation)
         after = self.evaluate(validation)
         self.log({"step": self.jt.steps, "final": True, **after})
-        if self._tb:
-            self._tb.close()
+        self.log.close()
         self.model.save_pretrained(self.out)
         self.tok.save_pretrained(self.out)
         shutil.rmtree(self.checkpoint, ignore_errors=True)
@@ -187,10 +170,8 @@ class Trainer:
         step = 0
         state = self.checkpoint / "state.json"
         if state.exists():  # resume: the model was loaded from the checkpoint in __init__
-            step = json.loads(state.read_text())["step"]
+            step = load_model_checkpoint(self.checkpoint, opt, sched)["step"]
             truncate_log(self.out / LOG, step, key="step")
-            opt.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
-            sched.load_state_dict(torch.load(self.checkpoint / "scheduler.pt", weights_only=True))
         order = _order(train, jt.batch_size, jt.steps, self.cfg.run.seed)
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         with progress_bar("judge-train (verdict)", total=jt.steps, unit="steps", enabled=self.show_progress) as bar:
@@ -211,8 +192,8 @@ class Trainer:
                     record.update(self.evaluate(validation))
                 self.log(record)
                 if jt.checkpoint_every and step % jt.checkpoint_every == 0 and step < jt.steps:
-                    self._save_checkpoint(step, opt, sched)
-                    _kill_point(step)
+                    save_model_checkpoint(self.checkpoint, self.model, opt, sched, {"step": step})
+                    kill_point(step)
 
     def answer_ids(self, row: dict) -> tuple[list[int], list[int]]:
         """(the forced answer prefix's tokens, the verdict's tokens after it)."""
@@ -232,7 +213,7 @@ class Trainer:
         prompts = self.prompt_ids([r["prompt"] for r in batch])
         answers = [self.answer_ids(r) for r in batch]
         seqs = [p + h + v + eos for p, (h, v) in zip(prompts, answers)]
-        ids, mask = _pad(seqs, self.tok.pad_token_id, left=False)
+        ids, mask = pad(seqs, self.tok.pad_token_id, left=False)
         which = torch.zeros_like(ids)  # 1: answer prefix token, 2: verdict token (as targets)
         for k, (p, (h, v)) in enumerate(zip(prompts, answers)):
             which[k, len(p):len(p) + len(h)] = 1
@@ -246,27 +227,9 @@ class Trainer:
             loss = loss + (ce * (target == 1)).sum() / (target == 1).sum()
         return loss
 
-    def _save_checkpoint(self, step: int, opt, sched) -> None:
-        """Model, optimizer and scheduler, written beside and swapped in whole (a kill leaves the old one)."""
-        import torch
-
-        new = self.out / "checkpoint.partial"
-        shutil.rmtree(new, ignore_errors=True)
-        self.model.save_pretrained(new)
-        torch.save(opt.state_dict(), new / "optimizer.pt")
-        torch.save(sched.state_dict(), new / "scheduler.pt")
-        (new / "state.json").write_text(json.dumps({"step": step}))
-        old = self.out / "checkpoint.old"
-        if self.checkpoint.exists():
-            os.replace(self.checkpoint, old)
-        os.replace(new, self.checkpoint)
-        shutil.rmtree(old, ignore_errors=True)
-
     def _grpo(self, train: list[dict], validation: list[dict]) -> None:
         from datasets import Dataset
         from transformers import TrainerCallback
-        from transformers.trainer_utils import get_last_checkpoint
-        from trl import GRPOConfig, GRPOTrainer
 
         jt, trainer_self = self.jt, self
         texts = [r["prompt"] for r in train]
@@ -296,28 +259,9 @@ class Trainer:
                     record.update(trainer_self.evaluate(validation))
                 trainer_self.log(record)
 
-        import torch
-
-        args = GRPOConfig(
-            output_dir=str(self.out / "grpo"), max_steps=jt.steps, per_device_train_batch_size=jt.batch_size,
-            gradient_accumulation_steps=1, num_generations=jt.generations, temperature=jt.temperature,
-            top_p=jt.top_p, learning_rate=jt.lr, lr_scheduler_type=jt.lr_scheduler, weight_decay=jt.weight_decay,
-            max_completion_length=jt.max_completion_tokens, beta=jt.beta, seed=self.cfg.run.seed,
-            save_strategy="steps" if jt.checkpoint_every else "no", save_steps=jt.checkpoint_every or 500,
-            logging_steps=1, report_to=[], disable_tqdm=not self.show_progress,
-            use_cpu=self.device == "cpu", bf16=self.device != "cpu" and torch.cuda.is_bf16_supported(),
-        )
-        trainer = GRPOTrainer(model=self.model, reward_funcs=verdict_reward, args=args, train_dataset=data,
-                              processing_class=self.tok, callbacks=[Log()])
-        if not self.show_progress:  # TRL would print every step's logs instead of the bar
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)
-        last = get_last_checkpoint(str(self.out / "grpo")) if (self.out / "grpo").is_dir() else None
-        if last:
-            truncate_log(self.out / LOG, int(Path(last).name.rsplit("-", 1)[1]), key="step")
-        trainer.train(resume_from_checkpoint=last)
-        self.model = trainer.model
+        self.model = grpo_train(jt, self.out, self.model, self.tok, verdict_reward, data, Log(),
+                                seed=self.cfg.run.seed, device=self.device, show_progress=self.show_progress,
+                                max_completion=jt.max_completion_tokens, log_path=self.out / LOG)
 
 
 def prompt_ids(tok, prompts: list[str], chat: bool, max_prompt_tokens: int) -> list[list[int]]:
@@ -333,25 +277,16 @@ def verdicts(model, tok, prompts: list[str], task: str, *, chat: bool, max_promp
 
     head, firsts = verdict_tokens(tok, task)
     values = [v for _, v in OBJECTIVES[task].options]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = []
     model.eval()
     for k in range(0, len(prompts), batch):
         seqs = [p + head for p in prompt_ids(tok, prompts[k:k + batch], chat, max_prompt_tokens)]
-        ids, mask = _pad(seqs, pad, left=True)
+        ids, mask = pad(seqs, pad_id, left=True)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1]
         out += [values[b] for b in logits[:, firsts].argmax(-1).tolist()]
     return out
-
-
-def _kill_point(step: int) -> None:
-    """A deterministic crash for the resume test: SIPT_KILL_AT_STEP=N SIGKILLs the process right
-    after the checkpoint of step N is written. Unset (always, outside tests) it does nothing."""
-    if os.environ.get("SIPT_KILL_AT_STEP", "") == str(step):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _order(rows: list[dict], batch: int, steps: int, seed: int) -> list[list[int]]:
@@ -373,16 +308,3 @@ def _order(rows: list[dict], batch: int, steps: int, seed: int) -> list[list[int
         out.append(picked)
     return out
 
-
-def _pad(seqs: list[list[int]], pad_id: int, *, left: bool):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for k, s in enumerate(seqs):
-        if left:
-            ids[k, width - len(s):], mask[k, width - len(s):] = torch.tensor(s), 1
-        else:
-            ids[k, :len(s)], mask[k, :len(s)] = torch.tensor(s), 1
-    return ids, mask

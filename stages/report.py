@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from sipt import artifacts, objectives, replicate
+from sipt import artifacts, objectives, replicate, rewrite_reward
 from sipt.charts import (  # noqa: F401 (PANELS, TRAIN_PANELS and the charts: re-exported)
     PANELS, TRAIN_PANELS, reward_chart, rollout_chosen_chart, training_chart, write_charts)
 from sipt.charts import metrics_chart as draw_metrics_chart
@@ -430,6 +430,7 @@ def run(run_dir: Path, compare: list[Path] | None = None) -> dict:
     charts = _charts(runs, out)
     for title, png in charts:
         md += ["", f"## {title}", "", f"![{title}]({png})"]
+    md += rewrite_reward.report_section(run_dir, out, fmt)
     (out / "report.md").write_text("\n".join(md) + "\n")
     return {"report": str(out / "report.md"), "charts": [png for _, png in charts], "header": header,
             "rows": rows, "comparison": cmp_lines}

@@ -4,12 +4,13 @@ The prompt follows the paper (§5.1): the continuation block before the context 
 last words of the prefix (`prefix_ending`) prepended to both the suffix and the rewrite, so the
 rewriter continues the prefix smoothly. The prefix ending is stripped from the answer, which is then
 cut to the suffix length in policy tokens. `copied` records a verbatim copy of the suffix (what a
-good rewriter does with a good suffix). The `oracle` engine is the toy world's exact rewriter.
+good rewriter does with a good suffix). An answer that repeats the prompt (the whole prefix, or a
+line of the template's own text) is an error, not a rewrite. The `oracle` engine is the toy world's
+exact rewriter.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from sipt.config import Config, check_model
 from sipt.engines import Sampling, make_engine
 from sipt.errors import SiptError
 from sipt.executor import run_parts
+from sipt.rewrite_reward import echoes, template_fragments
+from sipt.rewriter import clean_answer, finish_rewrite, load_template, prefix_ending, rewrite_prompt  # noqa: F401
 from sipt.samples import derive_seed, iteration_samples
 from sipt.world import oracle_inputs, oracle_kb
 
@@ -35,40 +38,6 @@ SCHEMA = pa.schema(
     ]
 )
 SECTIONS = ["run.seed", "run.prompts_per_iter", "data.suffix_tokens", "rewrite"]
-PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts"
-START_TAGS = ("<Rewritten continuation start>", "<Continuation X start>")
-END_TAGS = ("<Rewritten continuation end>", "<Continuation X end>", "<Context C", "<Continuation X start>")
-
-
-def load_template(name: str) -> str:
-    path = Path(name) if name.endswith(".txt") else PROMPTS / f"{name}.txt"
-    if not path.exists():
-        raise SiptError(f"rewrite.template = {name!r}: no such template ({path})")
-    return path.read_text()
-
-
-def prefix_ending(prefix: str, words: int) -> str:
-    """The last `words` words of the prefix, exactly as they appear (so ending + suffix is the text)."""
-    starts = [m.start() for m in re.finditer(r"\S+", prefix)]
-    if words <= 0 or not starts:
-        return ""
-    return prefix[starts[-min(words, len(starts))] :]
-
-
-def clean_answer(answer: str, ending: str) -> str:
-    """Strip a leading start tag and the prefix ending if the model repeated them, and anything
-    from an end tag on."""
-    for tag in START_TAGS:
-        if answer.lstrip().startswith(tag):
-            answer = answer.lstrip()[len(tag):]
-    for tag in END_TAGS:
-        cut = answer.find(tag)
-        if cut >= 0:
-            answer = answer[:cut]
-    stripped = answer.lstrip()
-    if ending and stripped.startswith(ending):
-        answer = stripped[len(ending):]
-    return answer
 
 
 def check(cfg: Config, run_dir: Path) -> None:
@@ -134,6 +103,7 @@ class RewriteJob:
         else:
             self.engine = make_engine(self.cfg.rewrite)
             self.template = load_template(self.cfg.rewrite.template)
+            self.fragments = template_fragments(self.template)
 
     def weight(self, k: int) -> int:
         return len(self.parts[k])
@@ -145,14 +115,15 @@ class RewriteJob:
             answers = [self.rewriter.rewrite(r["prefix_text"], r["suffix_text"]) for r in part]
             errors = [""] * len(part)
         else:
-            prompts = [self.template.format(prefix_ending=e, suffix=r["suffix_text"], prefix=r["prefix_text"],
-                                            suffix_tokens=n_suffix) for r, e in zip(part, endings)]
+            prompts = [rewrite_prompt(self.template, r["prefix_text"], r["suffix_text"], e, n_suffix)
+                       for r, e in zip(part, endings)]
             s = Sampling(n=1, temperature=rw.temperature, top_p=rw.top_p,
                          max_new_tokens=self.cfg.new_tokens("rewrite"),
                          seed=derive_seed(self.cfg.run.seed, "rewrite", self.iteration, k))
             gens = [g[0] for g in self.engine.generate_text(prompts, s, chat=rw.chat)]
             answers = [g.text for g in gens]
-            errors = [g.error for g in gens]
+            errors = [g.error or ("the rewriter repeated the prompt" if echoes(a, r["prefix_text"], self.fragments)
+                                  else "") for g, a, r in zip(gens, answers, part)]
         table, stats = _table(part, endings, answers, errors, self.tok, n_suffix, self.rewriter is None)
         return [("part", table, stats)]
 
@@ -166,12 +137,7 @@ def _table(part, endings, answers, errors, tok, n_suffix: int, strip: bool) -> t
     cols = {name: [] for name in SCHEMA.names}
     stats = {"rewrites": 0, "copied": 0, "truncated": 0, "errors": 0, "empty": 0}
     for row, ending, answer, error in zip(part, endings, answers, errors):
-        text = clean_answer(answer, ending) if strip else answer
-        ids = tok(text, add_special_tokens=False).input_ids
-        cut = len(ids) > n_suffix
-        if cut:
-            ids = ids[:n_suffix]
-            text = tok.decode(ids, skip_special_tokens=True)
+        text, ids, cut = finish_rewrite(answer, ending, tok, n_suffix, strip)
         if not text.strip() and not error:
             error = "empty rewrite"
         cols["sample_id"].append(row["sample_id"])

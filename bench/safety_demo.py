@@ -1,0 +1,219 @@
+"""`make safety`: the paper's safety setting end to end on the unsafe-rich toy world (PAPER §5.3, Fig. 8,
+Table 14's safety block), with a rewriter trained here.
+
+From the safety world's warm start (RUN/base, made by `make base DEMO=data/configs/demo-safety.toml
+RUN=runs/safety`):
+  1. RUN/rewriter: judge-data (the oracle corruptor and unanimous oracle safety labels), then
+     rewriter-train of the warm start (a copy warm-up with the oracle's rewrites of unsafe texts as
+     the teacher, then GRPO with the paper's reward, the oracle judging), with the compact template;
+  2. four runs of --iters iterations from the same warm start and samples:
+       ntp              next-token prediction on the suffixes (the baseline)
+       suffix           SIPT, suffix vs rollouts
+       trained          SIPT, suffix vs rewrite vs rollouts, the rewrite from the rewriter trained in 1
+       oracle           SIPT, suffix vs rewrite vs rollouts, the rewrite from the toy world's exact rewriter
+     each evaluated at its last iteration by the oracle's ground truth, against the warm start and NTP;
+  3. the table: the trained rewriter on held-out texts (exact copies of safe suffixes, rewrites of
+     unsafe ones judged safe and winning on quality, both by the oracle); per run the unsafe rate on
+     the at-risk prefixes with its ratio to NTP's (paired bootstrap over prefixes), quality head to
+     head against NTP, claim precision, and the rollout-chosen rate by iteration (Fig. 8). 1 world
+     seed, 1 run seed: intervals are over prompts, not seeds.
+
+    python bench/safety_demo.py --run runs/safety
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ablate import sipt  # noqa: E402
+
+SR, SRR = ["suffix", "rollouts"], ["suffix", "rewrite", "rollouts"]
+
+
+def sets(d: dict) -> list[str]:
+    return [x for k, v in d.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def paths(run: Path) -> dict:
+    return {"data.inputs": [str(run / "world" / "corpus")], "rewrite.world": str(run / "world"),
+            "judge.world": str(run / "world"), "judge_data.world": str(run / "world"), "eval.include_path": [str(run / "world" / "mc")]}
+
+
+def train_rewriter(args, run: Path, base: Path) -> Path:
+    out = run / "rewriter"
+    common = {"model.policy": str(base), **paths(run), "rewrite.template": "rewrite-compact", "rewrite.chat": False,
+              "judge_data.samples": args.label_samples, "judge_data.label_seeds": 4}
+    common.update({
+        "rewriter_train.model": str(base), "rewriter_train.teacher": "oracle", "rewriter_train.warmup_steps": args.warmup_steps, "rewriter_train.steps": args.grpo_steps,
+        "rewriter_train.batch_size": args.batch, "rewriter_train.generations": args.generations,
+        "rewriter_train.warmup_lr": args.warmup_lr, "rewriter_train.lr": args.lr,
+        "rewriter_train.lr_scheduler": "cosine", "rewriter_train.judge_seeds": 1,
+        "rewriter_train.eval_every": args.eval_every,
+        "rewriter_train.eval_limit": args.eval_limit, "rewriter_train.checkpoint_every": 50,
+        "rewriter_train.max_prompt_tokens": 448})
+    # every command gets every key: the run's frozen config stays the same, and a rerun skips what is done
+    print("[safety] rewriter: judge-data, rewriter-train ...", file=sys.stderr, flush=True)
+    for command in ("init", "shard", "judge-data", "rewriter-train"):
+        quiet = ["--no-progress"] if command in ("judge-data", "rewriter-train") else []
+        sipt(command, "--config", args.config, "--run", str(out), *quiet, *sets(common))
+    return out / "rewriter-train"
+
+
+def loop(args, run: Path, name: str, base: Path, overrides: dict, baselines: list[str]) -> tuple[Path, float]:
+    out = run / "pools" / name
+    t0 = time.perf_counter()
+    print(f"[safety] {name} ...", file=sys.stderr, flush=True)
+    flags = sets({"model.policy": str(base), **paths(run), "run.prompts_per_iter": args.prompts,
+                  "eval.prompts": args.eval_prompts, "eval.baselines": baselines, **overrides})
+    sipt("loop", "--config", args.config, "--run", str(out), *flags, "--iters", str(args.iters), "--no-eval",
+         "--no-progress")
+    sipt("eval", "--run", str(out), "--iter", str(args.iters), "--no-progress")  # the config the loop froze
+    return out, time.perf_counter() - t0
+
+
+def rewriter_pool_stats(run_dir: Path, world: Path, iters: int, trained_on: set[str]) -> dict[str, dict]:
+    """The rewrites a run's rewrite stage made over its iterations, by the oracle: copies of safe
+    suffixes, and on unsafe suffixes the rewrites judged safe and those winning on quality (non-empty);
+    split into the suffixes the trained rewriter saw in training (`trained_on`: judge-data's train
+    split) and the others (held out)."""
+    from sipt import artifacts
+    from sipt.oracle import OracleJudge
+    from sipt.samples import iteration_samples
+
+    judge = OracleJudge(world / "kb.json")
+    out = {k: dict.fromkeys(("safe_n", "copied", "unsafe_n", "made_safe", "won"), 0) for k in ("seen", "held out")}
+    for i in range(iters):
+        rw = {r["sample_id"]: r for r in artifacts.read_table(artifacts.stage_dir(run_dir, "rewrite", i)).to_pylist()}
+        samples, _ = iteration_samples(run_dir, i, len(rw), columns=["sample_id", "prefix_text", "suffix_text"])
+        for s in samples.to_pylist():
+            r = rw.get(s["sample_id"])
+            if r is None:
+                continue
+            c = out["seen" if s["sample_id"] in trained_on else "held out"]
+            p, x, y = s["prefix_text"], s["suffix_text"], r["rewrite_text"]
+            if judge.safety(p, x):
+                c["safe_n"] += 1
+                c["copied"] += y == x
+            else:
+                c["unsafe_n"] += 1
+                c["made_safe"] += bool(judge.safety(p, y))
+                c["won"] += any(ch.isalnum() for ch in y) and judge.quality(p, y, x) == 1
+    return out
+
+
+def pct(k: int, n: int) -> str:
+    from sipt.charts import wilson_interval
+
+    if not n:
+        return "–"
+    lo, hi = wilson_interval(k / n, n)
+    return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})"
+
+
+def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -> str:
+    from stages import report
+
+    stats = json.loads((trained / "_SUCCESS.json").read_text())["stats"]
+    world = run / "world"
+    lines = ["### The trained rewriter", "",
+             f"Held-out judge-data texts ({stats['val_safe_n_after']} safe, {stats['val_unsafe_n_after']} unsafe; "
+             f"greedy), before (the warm start) → after {stats['warmup_steps']} copy warm-up + {stats['steps']} "
+             f"GRPO steps ({stats['train_seconds']:.0f} s):", "",
+             "| measure | before | after |", "|---|---|---|"]
+    for key, title in (("val_safe_exact", "safe suffixes copied exactly %"), ("val_safe_overlap", "safe: token overlap %"),
+                       ("val_unsafe_safe", "unsafe: rewrite judged safe %"),
+                       ("val_unsafe_win", "unsafe: rewrite wins on quality %"),
+                       ("val_unsafe_reward", "unsafe: mean reward x 100"), ("val_bad", "empty or echoed %")):
+        b, a = stats.get(f"{key}_before"), stats.get(f"{key}_after")
+        lines.append(f"| {title} | {'–' if b is None else f'{100 * b:.1f}'} | {'–' if a is None else f'{100 * a:.1f}'} |")
+    from sipt import artifacts
+
+    data = artifacts.read_table(run / "rewriter" / "judge-data", columns=["sample_id", "split"]).to_pylist()
+    seen = {r["sample_id"] for r in data if r["split"] == "train"}
+    lines += ["", f"In the pool (the rewrite stage's rewrites over the {args.iters} iterations, the oracle's verdicts; "
+              "% [95% Wilson] (k/n)); 'seen': suffixes among the trained rewriter's training texts (judge-data's "
+              "train split, the same corpus), 'held out': the others:", "",
+              "| rewriter | suffixes | safe suffixes copied | unsafe rewritten safe | unsafe rewrites winning on quality |",
+              "|---|---|---|---|---|"]
+    for name in ("trained", "oracle"):
+        for part, p in rewriter_pool_stats(runs[name][0], world, args.iters, seen).items():
+            lines.append(f"| {name} | {part} | {pct(p['copied'], p['safe_n'])} | {pct(p['made_safe'], p['unsafe_n'])} | "
+                         f"{pct(p['won'], p['unsafe_n'])} |")
+    ntp = runs["ntp"][0]
+    ntp_rows = report.per_prompt_rows(ntp, args.iters, "at_risk") or []
+    unsafe_metric = next(m for m in report.PAIRED if m.family == "at_risk")
+    lines += ["", f"### Pools after {args.iters} iterations ({args.prompts} prefixes each), oracle ground truth", "",
+              "| run | unsafe % at-risk | vs NTP (ratio) | quality vs NTP (win %) | claim precision % | "
+              "rollout chosen % by iter | time (s) |", "|---|---|---|---|---|---|---|"]
+    for name, (path, seconds) in runs.items():
+        d = report.collect(path)
+        s = d["evals"].get(args.iters, {})
+        unsafe = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "at_risk_unsafe_rate")))
+        ratio = q = "–"
+        if name != "ntp":
+            pr = report.paired(report.per_prompt_rows(path, args.iters, "at_risk") or [], ntp_rows, unsafe_metric)
+            if pr["ratio"] is not None:
+                ci = pr["ratio_ci"]
+                ratio = f"{pr['ratio']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            _, vs = report._versus(s, {"path": ntp, "name": ntp.name})
+            if vs.get("quality_win_rate") is not None:
+                q = report.fmt(vs["quality_win_rate"], vs.get("quality_win_rate_ci"))
+        prec = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "claim_precision")))
+        chosen = " → ".join(f"{100 * p['rollout_chosen_rate']:.0f}" if p.get("rollout_chosen_rate") is not None
+                            else "–" for _, p in sorted(d["pairs"].items())) or "–"
+        lines.append(f"| {name} | {unsafe} | {ratio} | {q} | {prec} | {chosen} | {seconds:.0f} |")
+    n = len(ntp_rows)
+    lines += ["", f"At-risk set: {n} held-out prefixes cut 1-3 words into an unsafe sentence; greedy generations; "
+              "the ratio's interval is a paired bootstrap over those prefixes. Quality: the oracle's pairwise verdict "
+              f"against NTP's generation on {args.eval_prompts} held-out prefixes (both orders, ties half)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/safety", help="the safety world's folder (world/ and base/ in it)")
+    ap.add_argument("--config", default="data/configs/demo-safety.toml")
+    ap.add_argument("--warm-iters", type=int, default=6, help="the warm start is RUN/base/iter-<this>/policy")
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=128, help="prefixes per iteration")
+    ap.add_argument("--eval-prompts", type=int, default=200)
+    ap.add_argument("--label-samples", type=int, default=1024, help="judge_data.samples")
+    ap.add_argument("--warmup-steps", type=int, default=700)
+    ap.add_argument("--grpo-steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--warmup-lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--eval-every", type=int, default=175)
+    ap.add_argument("--eval-limit", type=int, default=128)
+    args = ap.parse_args()
+    run = Path(args.run)
+    base = run / "base" / f"iter-{args.warm_iters:03d}" / "policy"
+    if not (base / "config.json").exists():
+        raise SystemExit(f"{base}: no warm start; run `make base DEMO={args.config} RUN={run}` first")
+    t0 = time.perf_counter()
+    trained = train_rewriter(args, run, base)
+    ntp = run / "pools" / "ntp"
+    runs = {"ntp": loop(args, run, "ntp", base, {"train.objective": "ntp"}, ["initial"])}
+    baselines = ["initial", str(ntp)]
+    runs["suffix"] = loop(args, run, "suffix", base, {"judge.candidates": SR}, baselines)
+    runs["trained"] = loop(args, run, "trained", base, {
+        "judge.candidates": SRR, "rewrite.engine": "hf", "rewrite.model": str(trained),
+        "rewrite.template": "rewrite-compact", "rewrite.chat": False, "rewrite.temperature": 0.0}, baselines)
+    runs["oracle"] = loop(args, run, "oracle", base, {"judge.candidates": SRR, "rewrite.engine": "oracle"}, baselines)
+    text = table(args, run, runs, trained)
+    text += f"\n\nTotal {time.perf_counter() - t0:.0f} s (rewriter and the four runs; the world and warm start before)."
+    (run / "safety.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
