@@ -123,6 +123,19 @@ def pct(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})"
 
 
+def chosen_cell(p: dict) -> str:
+    """An iteration's rollout-chosen rate with its 95% Wilson interval over its pairs."""
+    from sipt.charts import wilson_interval
+
+    rate, n = p.get("rollout_chosen_rate"), p.get("pairs")
+    if rate is None:
+        return "–"
+    if not n:
+        return f"{100 * rate:.0f}"
+    lo, hi = wilson_interval(rate, n)
+    return f"{100 * rate:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
 def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -> str:
     from stages import report
 
@@ -172,8 +185,7 @@ def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -
             if vs.get("quality_win_rate") is not None:
                 q = report.fmt(vs["quality_win_rate"], vs.get("quality_win_rate_ci"))
         prec = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "claim_precision")))
-        chosen = " → ".join(f"{100 * p['rollout_chosen_rate']:.0f}" if p.get("rollout_chosen_rate") is not None
-                            else "–" for _, p in sorted(d["pairs"].items())) or "–"
+        chosen = " → ".join(chosen_cell(p) for _, p in sorted(d["pairs"].items())) or "–"
         lines.append(f"| {name} | {unsafe} | {ratio} | {q} | {prec} | {chosen} | "
                      f"{'–' if seconds is None else f'{seconds:.0f}'} |")
     n = len(ntp_rows)
@@ -222,6 +234,10 @@ def main() -> None:
     text = table(args, run, runs, trained)
     text += (f"\n\nThis command: {time.perf_counter() - t0:.0f} s (what was already done is skipped; the world and "
              "the warm start are made before it).")
+    from stages import report
+
+    made = report.run(runs["trained"][0], compare=[runs[k][0] for k in ("oracle", "suffix", "ntp")])
+    text += f"\n\nThe pools side by side, with charts (rollout_chosen.png: PAPER Fig. 8): {made['report']}"
     (run / "safety.md").write_text(text + "\n")
     print(text)
 
