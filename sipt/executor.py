@@ -130,28 +130,37 @@ def _processes(job, todo: list[int], tmp: Path, workers: int, bar, run_cfg) -> d
     import queue
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch threads or engine state
-    tasks, results = ctx.Queue(), ctx.Queue()
+    tasks = ctx.Queue()
+    # One results queue per worker: a worker killed hard (OOM, SIGKILL) while its queue's feeder thread
+    # holds the write lock would leave a shared queue locked, and every other worker hanging on exit.
+    results = [ctx.Queue() for _ in range(workers)]
     for k in todo:
         tasks.put(k)
     for _ in range(workers):
         tasks.put(None)
-    procs = [ctx.Process(target=_process_worker, args=(job, str(tmp), tasks, results, _threads(run_cfg, workers)),
-                         daemon=True) for _ in range(workers)]
+    procs = [ctx.Process(target=_process_worker, args=(job, str(tmp), tasks, q, _threads(run_cfg, workers)),
+                         daemon=True) for q in results]
     for p in procs:
         p.start()
     errors = []
     try:
         while True:
-            try:
-                kind, k, msg = results.get(timeout=0.5)
-            except queue.Empty:
+            got = []
+            for q in results:
+                try:
+                    while True:
+                        got.append(q.get_nowait())
+                except queue.Empty:
+                    pass
+            for kind, k, msg in got:
+                if kind == "done":
+                    bar.advance(job.weight(k))
+                else:
+                    errors.append((k, msg))
+            if not got:
                 if not any(p.is_alive() for p in procs):
                     break
-                continue
-            if kind == "done":
-                bar.advance(job.weight(k))
-            else:
-                errors.append((k, msg))
+                time.sleep(0.2)
     finally:
         for p in procs:
             p.join(timeout=5)
