@@ -89,7 +89,10 @@ def train_under_torchrun(run_dir: Path, cfg: Config, iteration: int, *, show_pro
     """
     folder = artifacts.stage_dir(run_dir, "train", iteration)
     before = artifacts.read_manifest(folder)
+    from sipt.training import process_device
+
     n = cfg.train.nproc_per_node
+    process_device(cfg.train.device, n - 1, n)  # more processes than GPUs: say so before starting them
     with tempfile.TemporaryDirectory(prefix="sipt-train-") as tmp:
         config_file = Path(tmp) / "sipt.toml"
         config_file.write_text(cfg.to_toml())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sipt.errors import SiptError
 from sipt.losses import sequence_logps
 from sipt.samples import policy_prompt
 
@@ -24,8 +25,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and device != "cpu"
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu") if device == "auto" else torch.device(device)
+        self.device = process_device(device, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if self.world > 1 and not torch.distributed.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
@@ -52,6 +52,25 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(t)
         return float(t) / self.world
+
+
+def process_device(device: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """The device of one training process: `train.device` ("auto", "cpu", "cuda" or "cuda:N"); under
+    torchrun "auto" and "cuda" mean the local rank's GPU. More processes on a node than GPUs is an
+    error that says so (CUDA's own is "invalid device ordinal" from one rank)."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not cuda:
+        return torch.device("cpu")
+    if device in ("auto", "cuda"):
+        device = f"cuda:{local_rank}"
+    if not torch.cuda.is_available():
+        raise SiptError(f"train.device = {device!r} but torch sees no GPU; use 'auto' or 'cpu'")
+    index, count = torch.device(device).index or 0, torch.cuda.device_count()
+    if index >= count:
+        raise SiptError(f"{local_world} training processes on this node need {local_world} GPUs, but torch sees "
+                        f"{count}: set train.nproc_per_node (or torchrun's --nproc_per_node) to at most {count}, "
+                        f"or train.device = 'cpu' to train with gloo processes on CPU")
+    return torch.device(device)
 
 
 # -- batches ------------------------------------------------------------------------------------

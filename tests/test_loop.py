@@ -430,7 +430,9 @@ def test_loop_trains_under_torchrun_with_two_processes(wrun, tmp_path):
 
     from stages import train
 
-    sets = [*LOOP_SETS, "--set", "train.nproc_per_node=2", "--iters", "1", "--no-progress"]
+    # train.device = cpu: gloo processes on CPU also where a GPU is visible (one GPU cannot take 2 ranks)
+    sets = [*LOOP_SETS, "--set", "train.nproc_per_node=2", "--set", 'train.device="cpu"', "--iters", "1",
+            "--no-progress"]
     proc = _sipt("loop", "--run", str(wrun), *sets, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = artifacts.read_manifest(wrun / "iter-000" / "train")
@@ -440,7 +442,7 @@ def test_loop_trains_under_torchrun_with_two_processes(wrun, tmp_path):
 
     single = tmp_path / "single"  # the same pairs, trained in this process
     shutil.copytree(wrun, single, ignore=shutil.ignore_patterns("iter-001", "train", ".train.tmp"))
-    cfg = config_mod.resolve(single, overrides={"train.nproc_per_node": 1})
+    cfg = config_mod.resolve(single, overrides={"train.nproc_per_node": 1, "train.device": "cpu"})
     assert cfg.hash(train.SECTIONS) == m["config_hash"]  # a speed-only knob
     assert train.run(single, cfg, 0, show_progress=False)["stats"]["processes"] == 1
     losses = [[json.loads(line)["loss"] for line in (r / "iter-000" / "train" / "log.jsonl").read_text().splitlines()]

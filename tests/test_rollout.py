@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,14 +67,15 @@ def test_logprob_matches_a_teacher_forced_forward(engine):
     prompts = [[5, 17, 230, 44, 9], [300, 12]]
     outs = engine.generate(prompts, Sampling(n=2, max_new_tokens=10, seed=3))
     model = engine.model
+    tol = 1e-3 if model.dtype == torch.float32 else 0.05  # bf16 on a GPU: cached decoding rounds otherwise
     for prompt, gens in zip(prompts, outs):
         for g in gens:
-            ids = torch.tensor([prompt + g.token_ids])
+            ids = torch.tensor([prompt + g.token_ids], device=model.device)
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
             target = ids[0, 1:]
             expected = logp.gather(-1, target[:, None]).squeeze(-1)[len(prompt) - 1 :].sum().item()
-            assert g.logprob == pytest.approx(expected, abs=1e-3)
+            assert g.logprob == pytest.approx(expected, abs=tol)
 
 
 def test_left_padding_does_not_change_greedy_output(engine):

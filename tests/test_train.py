@@ -108,7 +108,9 @@ def test_reference_logprobs_of_rollouts_are_reused_exactly(paired):
     computed = artifacts.read_table(run / "iter-000" / "train", prefix="ref_logps")
     assert artifacts.part_stats(run / "iter-000" / "train" / "ref_logps.parquet") == {"computed": 32, "from_rollouts": 0}
     a, b = reused["ref_rejected"].to_pylist(), computed["ref_rejected"].to_pylist()
-    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-3
+    # fp32 on CPU: the same numbers up to float noise. In bf16 on a GPU the engine's cached decoding
+    # and train's full forward round differently: up to 0.021 nats per rollout, measured on an H200
+    assert max(abs(x - y) for x, y in zip(a, b)) < (0.05 if torch.cuda.is_available() else 2e-3)
     assert reused["ref_chosen"].to_pylist() == pytest.approx(computed["ref_chosen"].to_pylist(), abs=1e-4)
 
 
@@ -263,15 +265,15 @@ def test_torchrun_two_processes_matches_one(paired, tmp_path, fsdp):
     # lr 1e-3: every weight moves by about lr per Adam step, far beyond float noise. Adam also turns
     # rounding noise in a near-zero gradient into an lr-sized step of either sign, so the runs are
     # compared by the norm of their difference against the norm of the update, not weight by weight.
-    cfg = config_mod.resolve(run, overrides={"train.epochs": 1, "train.lr": 1e-3}, force=True)
+    cfg = config_mod.resolve(run, overrides={"train.epochs": 1, "train.lr": 1e-3, "train.device": "cpu"},
+                             force=True)
     single = tmp_path / "single"
     shutil.copytree(run, single)
     train.run(single, cfg, 0, show_progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sipt_script = str(os.path.join(os.path.dirname(sys.executable), "sipt"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--", sipt_script, "train", "--run", str(run), "--no-progress",
-                           "--set", f"train.fsdp={str(fsdp).lower()}"],
+                           "-m", "--", "sipt.cli", "train", "--run", str(run), "--no-progress",
+                           "--set", f"train.fsdp={str(fsdp).lower()}", "--set", 'train.device="cpu"'],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = artifacts.read_manifest(run / "iter-000" / "train")
@@ -323,3 +325,24 @@ def test_stage_open_fail_commit_without_a_with_block(tmp_path):
     st.write_part(0, pa.table({"x": [1, 2]}))
     assert st.commit()["rows"] == 2 and artifacts.lock_holder(tmp_path, st.out) is None
     assert stage().open().skipped
+
+
+def test_more_training_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """Seen on a 1-GPU machine: 2 processes under torchrun, rank 1 asked for cuda:1 and died with CUDA's
+    "invalid device ordinal". Now each process (and the loop, before it starts them) says what to set."""
+    from sipt.training import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert process_device("auto", 0, 2) == torch.device("cuda:0")
+    assert process_device("cuda", 0, 1) == torch.device("cuda:0")
+    assert process_device("cpu", 1, 2) == torch.device("cpu")  # gloo processes on CPU: any number
+    with pytest.raises(SiptError, match=r"2 training processes on this node need 2 GPUs, but torch sees 1: set "
+                                        r"train.nproc_per_node .* at most 1, or train.device = 'cpu'"):
+        process_device("auto", 1, 2)
+    with pytest.raises(SiptError, match="torch sees 1"):
+        process_device("cuda:3", 0, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device("auto", 1, 2) == torch.device("cpu")
+    with pytest.raises(SiptError, match="torch sees no GPU"):
+        process_device("cuda", 0, 1)
