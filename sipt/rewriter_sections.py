@@ -22,6 +22,9 @@ class RewriterTrainConfig:
                                 "and with `teacher` the teacher's rewrite of an unsafe one (paper: 0).")
     teacher: str = knob("", "Warm-up targets for unsafe suffixes: 'oracle' (the toy world's exact rewriter, "
                             "judge.world) or empty (safe suffixes only).", choices=("", "oracle"))
+    copy_scramble: float = knob(0.0, "Share of warm-up copy examples whose safe suffix is replaced by as many words "
+                                     "drawn at random from the safe training suffixes: text never seen before, so the "
+                                     "model learns to copy rather than recall (0: the suffixes as they are).")
     steps: int = knob(500, "GRPO steps after the warm-up (paper: 500; 0: the warm-up only).")
     batch_size: int = knob(16, "Prompts x generations per GRPO step (per_device_train_batch_size, a multiple "
                                "of generations); rows per warm-up step.")

@@ -222,13 +222,14 @@ class RewriterTrainer:
             step = load_model_checkpoint(self.checkpoint, opt, sched)["step"]
             truncate_log(self.out / LOG, step, key="step")
         order = batches(rows, rt.batch_size, rt.warmup_steps, self.cfg.run.seed, rt.unsafe_share if self.teacher else 0)
+        scramble = Scrambler([r["suffix"] for r in rows if r["safe"]], rt.copy_scramble, self.cfg.run.seed)
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         with progress_bar("rewriter-train (warm-up)", total=rt.warmup_steps, unit="steps",
                           enabled=self.show_progress) as bar:
             bar.advance(step)
             self.model.train()
             while step < rt.warmup_steps:
-                batch = [rows[i] for i in order[step]]
+                batch = [scramble(rows[i], step, k) for k, i in enumerate(order[step])]
                 targets = [self.tok(self._target(r), add_special_tokens=False).input_ids + eos for r in batch]
                 loss = target_loss(self.model, self.prompt_ids(batch), targets, self.tok.pad_token_id, self.device)
                 loss.backward()
@@ -292,6 +293,26 @@ class RewriterTrainer:
         self.model = grpo_train(rt, self.out, self.model, self.tok, rewriter_reward, data, Log(),
                                 seed=self.cfg.run.seed, device=self.device, show_progress=self.show_progress,
                                 max_completion=self.max_new, log_path=self.out / LOG, step_offset=w, shuffle=False)
+
+
+class Scrambler:
+    """rewriter_train.copy_scramble: a safe row turned, with that probability, into a copy task on text
+    never seen (as many words, drawn at random from the safe suffixes' words). Seeded per (step,
+    slot), so a resumed warm-up draws the same texts."""
+
+    def __init__(self, safe_suffixes: list[str], share: float, seed: int):
+        self.words = [w for text in safe_suffixes for w in text.split()]
+        self.share, self.seed = (share if self.words else 0.0), seed
+
+    def __call__(self, row: dict, step: int, slot: int) -> dict:
+        if not row["safe"] or self.share <= 0:
+            return row
+        rng = random.Random(f"{self.seed}:{step}:{slot}")
+        if rng.random() >= self.share:
+            return row
+        lead = " " if row["suffix"][:1].isspace() else ""
+        text = lead + " ".join(rng.choice(self.words) for _ in range(max(1, len(row["suffix"].split()))))
+        return {**row, "suffix": text}
 
 
 def batches(rows: list[dict], batch: int, steps: int, seed: int, unsafe_share: float) -> list[list[int]]:

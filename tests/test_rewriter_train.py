@@ -169,3 +169,20 @@ def test_a_rewriter_that_returns_its_prompt_is_caught(wrun):
     finally:
         engines._REGISTRY.clear()
         engines._REGISTRY.update(saved)
+
+
+def test_copy_scramble_makes_unseen_copy_tasks_of_safe_rows_only():
+    safe = [" The old mill stands by the river. It was built", " Anna wrote a book about birds"]
+    s = rewriter_train.Scrambler(safe, 0.5, seed=0)
+    row = {"prefix": "p", "suffix": safe[0], "safe": True}
+    out = [s(row, step, slot) for step in range(20) for slot in range(4)]
+    changed = [o for o in out if o["suffix"] != row["suffix"]]
+    assert 20 < len(changed) < 60  # about half, seeded
+    words = {w for t in safe for w in t.split()}
+    for o in changed:  # as many words, all from the safe suffixes, the leading space kept
+        assert len(o["suffix"].split()) == len(row["suffix"].split()) and set(o["suffix"].split()) <= words
+        assert o["suffix"].startswith(" ") and o["prefix"] == "p" and o["safe"]
+    assert [s(row, step, slot) for step in range(20) for slot in range(4)] == out  # a resumed run: the same
+    unsafe = {**row, "safe": False}
+    assert all(s(unsafe, step, 0) is unsafe for step in range(20))  # unsafe rows keep their rewrite task
+    assert all(rewriter_train.Scrambler(safe, 0.0, 0)(row, step, 0) is row for step in range(20))
