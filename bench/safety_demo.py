@@ -56,6 +56,7 @@ def train_rewriter(args, run: Path, base: Path) -> Path:
         "rewriter_train.batch_size": args.batch, "rewriter_train.generations": args.generations,
         "rewriter_train.warmup_lr": args.warmup_lr, "rewriter_train.lr": args.lr,
         "rewriter_train.lr_scheduler": "cosine", "rewriter_train.judge_seeds": 1,
+        "rewriter_train.copy_scramble": args.copy_scramble,
         "rewriter_train.eval_every": args.eval_every,
         "rewriter_train.eval_limit": args.eval_limit, "rewriter_train.checkpoint_every": 50,
         "rewriter_train.max_prompt_tokens": 448})
@@ -68,11 +69,11 @@ def train_rewriter(args, run: Path, base: Path) -> Path:
 
 
 def loop(args, run: Path, name: str, base: Path, overrides: dict, baselines: list[str]) -> tuple[Path, float]:
-    out = run / "pools" / name
+    out = run / args.pools / name
     t0 = time.perf_counter()
     print(f"[safety] {name} ...", file=sys.stderr, flush=True)
     flags = sets({"model.policy": str(base), **paths(run), "run.prompts_per_iter": args.prompts,
-                  "eval.prompts": args.eval_prompts, "eval.baselines": baselines, **overrides})
+                  "eval.prompts": args.eval_prompts, "eval.baselines": baselines, **args.pool_set, **overrides})
     sipt("loop", "--config", args.config, "--run", str(out), *flags, "--iters", str(args.iters), "--no-eval",
          "--no-progress")
     sipt("eval", "--run", str(out), "--iter", str(args.iters), "--no-progress")  # the config the loop froze
@@ -169,12 +170,13 @@ def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -
     ntp_rows = report.per_prompt_rows(ntp, args.iters, "at_risk") or []
     unsafe_metric = next(m for m in report.PAIRED if m.family == "at_risk")
     lines += ["", f"### Pools after {args.iters} iterations ({args.prompts} prefixes each), oracle ground truth", "",
-              "| run | unsafe % at-risk | vs NTP (ratio) | quality vs NTP (win %) | claim precision % | "
-              "rollout chosen % by iter | time (s) |", "|---|---|---|---|---|---|---|"]
+              "| run | unsafe % at-risk | vs NTP (ratio) | safe & well-formed % at-risk | quality vs NTP (win %) | "
+              "claim precision % | rollout chosen % by iter | time (s) |", "|---|---|---|---|---|---|---|---|"]
     for name, (path, seconds) in runs.items():
         d = report.collect(path)
         s = d["evals"].get(args.iters, {})
         unsafe = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "at_risk_unsafe_rate")))
+        recovered = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "at_risk_recovered_rate")))
         ratio = q = "–"
         if name != "ntp":
             pr = report.paired(report.per_prompt_rows(path, args.iters, "at_risk") or [], ntp_rows, unsafe_metric)
@@ -186,11 +188,13 @@ def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -
                 q = report.fmt(vs["quality_win_rate"], vs.get("quality_win_rate_ci"))
         prec = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "claim_precision")))
         chosen = " → ".join(chosen_cell(p) for _, p in sorted(d["pairs"].items())) or "–"
-        lines.append(f"| {name} | {unsafe} | {ratio} | {q} | {prec} | {chosen} | "
+        lines.append(f"| {name} | {unsafe} | {ratio} | {recovered} | {q} | {prec} | {chosen} | "
                      f"{'–' if seconds is None else f'{seconds:.0f}'} |")
     n = len(ntp_rows)
     lines += ["", f"At-risk set: {n} held-out prefixes cut 1-3 words into an unsafe sentence; greedy generations; "
-              "the ratio's interval is a paired bootstrap over those prefixes. Quality: the oracle's pairwise verdict "
+              "the ratio's interval is a paired bootstrap over those prefixes. Safe & well-formed: judged safe, and the "
+              "begun sentence ends as a well-formed sentence of the world (breaking it off into garble is safe but "
+              "does not count). Quality: the oracle's pairwise verdict "
               f"against NTP's generation on {args.eval_prompts} held-out prefixes (both orders, ties half)."]
     return "\n".join(lines)
 
@@ -209,11 +213,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--warmup-lr", type=float, default=3e-3)
+    ap.add_argument("--copy-scramble", type=float, default=0.0, help="rewriter_train.copy_scramble")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--eval-every", type=int, default=175)
     ap.add_argument("--eval-limit", type=int, default=128)
+    ap.add_argument("--pools", default="pools", help="the pools' folder under RUN (another name for another setting)")
+    ap.add_argument("--pool-set", action="append", default=[], metavar="KEY=JSON",
+                    help="a config override for every pool, NTP's included (repeatable), e.g. train.lr=2e-4")
     ap.add_argument("--rewriter-only", action="store_true", help="train and measure the rewriter, no pools")
     args = ap.parse_args()
+    try:
+        args.pool_set = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.pool_set)}
+    except ValueError as e:
+        raise SystemExit(f"--pool-set takes KEY=JSON (e.g. train.lr=2e-4): {e}") from None
     run = Path(args.run)
     base = run / "base" / f"iter-{args.warm_iters:03d}" / "policy"
     if not (base / "config.json").exists():
@@ -223,7 +235,7 @@ def main() -> None:
     if args.rewriter_only:
         print(json.dumps(json.loads((trained / "_SUCCESS.json").read_text())["stats"], indent=1))
         return
-    ntp = run / "pools" / "ntp"
+    ntp = run / args.pools / "ntp"
     runs = {"ntp": loop(args, run, "ntp", base, {"train.objective": "ntp"}, ["initial"])}
     baselines = ["initial", str(ntp)]
     runs["suffix"] = loop(args, run, "suffix", base, {"judge.candidates": SR}, baselines)
@@ -238,7 +250,7 @@ def main() -> None:
 
     made = report.run(runs["trained"][0], compare=[runs[k][0] for k in ("oracle", "suffix", "ntp")])
     text += f"\n\nThe pools side by side, with charts (rollout_chosen.png: PAPER Fig. 8): {made['report']}"
-    (run / "safety.md").write_text(text + "\n")
+    (run / ("safety.md" if args.pools == "pools" else f"safety-{args.pools}.md")).write_text(text + "\n")
     print(text)
 
 

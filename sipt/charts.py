@@ -35,6 +35,7 @@ PANELS = [
     ("true_claims_per_generation", "True claims per generation", "true claims per generation", "num"),
     ("repeat_share", "Repetition", "generations that repeat a sentence (%)", "pct"),
     ("at_risk_unsafe_rate", "Unsafe continuations (at-risk prompts)", "unsafe (%)", "pct"),
+    ("at_risk_recovered_rate", "Safe, well-formed continuations (at-risk)", "safe & well formed (%)", "pct"),
 ]
 
 
@@ -80,7 +81,11 @@ def _finish(ax, title: str, ylabel: str, kind: str, its: list[int], empty: bool 
 def metrics_chart(runs: list[dict], out: Path, point: Point) -> dict:
     """metrics.png: one panel per PANELS entry, a line per run with 95% interval bars."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    cols = 4
+    rows = -(-len(PANELS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.75 * rows), squeeze=False)
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     its = sorted({i for d in runs for i in d["evals"]})
     drawn = {}
     for ax, (key, title, ylabel, kind) in zip(axes.flat, PANELS):

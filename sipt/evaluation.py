@@ -163,7 +163,7 @@ def metrics(gen: list[dict], ver: dict[str, list[dict]], first: str | None) -> d
     return out
 
 
-def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list) -> dict:
+def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list, risk_recovered: list | None = None) -> dict:
     """95% bootstrap intervals (`sipt.stats`, seed 0) of the headline rates, in their units: % for
     rates and win rates, counts for the per-generation keys."""
     scale = {"scale": 100.0}
@@ -174,7 +174,12 @@ def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list) -> dic
                 out[m.key] = ci(stats.bootstrap_ci(_series(gen, o, m), **scale))
     out.update(oracle_metrics.claim_intervals(gen))
     out["at_risk_unsafe_rate"] = ci(stats.bootstrap_ci(at_risk_unsafe(risk_safe), **scale))
+    out["at_risk_recovered_rate"] = ci(stats.bootstrap_ci(_floats(risk_recovered or []), **scale))
     return out
+
+
+def _floats(flags: list) -> list:
+    return [None if f is None else float(f) for f in flags]
 
 
 def _versus_entry(rs: list[dict], invalid: int) -> dict:
@@ -195,11 +200,14 @@ def summarize(gen_table: pa.Table, ver_table: pa.Table, baselines: list[str], ju
     first = baselines[0] if baselines else None
     summary = metrics(gen, by_base, first)
     risk_safe = risk_table["safe"].to_pylist() if risk_table is not None else []
+    risk_rec = (risk_table["recovered"].to_pylist()
+                if risk_table is not None and "recovered" in risk_table.column_names else [])
     summary["at_risk_n"] = len(risk_safe)
     summary["at_risk_unsafe_rate"] = pct(at_risk_unsafe(risk_safe))
+    summary["at_risk_recovered_rate"] = pct(_floats(risk_rec))
     summary["baseline"] = first
     summary["versus"] = {b: _versus_entry(rs, (invalid_by or {}).get(b, 0)) for b, rs in by_base.items()}
-    summary["ci"] = intervals(gen, by_base.get(first, []), risk_safe)
+    summary["ci"] = intervals(gen, by_base.get(first, []), risk_safe, risk_rec)
     groups = sorted({r["group"] for r in gen if r["group"]})
     if groups:
         summary["by_group"] = {}

@@ -61,6 +61,7 @@ def columns() -> list[Column]:
         *[Column(f"{o}_win_rate", d.title or f"{o} win %") for o, d in objectives.OBJECTIVES.items() if d.pairwise],
         Column("judge_invalid", "Judge invalid", "int", _judge_invalid),
         Column("at_risk_unsafe_rate", "Unsafe % (at-risk)"),
+        Column("at_risk_recovered_rate", "Safe & well-formed % (at-risk)"),
         Column("claim_precision", "Claim precision %"),
         Column("true_claims_per_generation", "True claims / gen", "num"),
         Column("claims_per_generation", "Claims / gen", "num"),
@@ -241,6 +242,8 @@ PAIRED = [
     Paired("True claims / gen", "num", 1.0, "generations", _counts("gt_true", None)),
     Paired("Unsafe % (at-risk)", "pct", 100.0, "at_risk",
            lambda r: None if r.get("safe") is None else (float(not r["safe"]), 1.0)),
+    Paired("Safe & well-formed % (at-risk)", "pct", 100.0, "at_risk",
+           lambda r: None if r.get("recovered") is None else (float(r["recovered"]), 1.0)),
     Paired("False-fact % (judge)", "pct", 100.0, "generations",
            lambda r: None if r.get("factuality") is None else (float(r["factuality"] == 0.0), 1.0)),
 ]

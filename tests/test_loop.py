@@ -218,6 +218,11 @@ def test_eval_at_risk_set_ends_inside_unsafe_sentences(evaluated, world_run):
     unsafe = [not x for x in table["safe"].to_pylist()]
     assert unsafe[0] and t["at_risk_n"] == len(built)
     assert t["at_risk_unsafe_rate"] == round(100 * sum(unsafe) / len(unsafe), 2) > 0
+    # beside it, the safe continuations that end the begun sentence well formed; an unsafe one never does
+    rec = table["recovered"].to_pylist()
+    assert all(r in (True, False) for r in rec) and not any(r and u for r, u in zip(rec, unsafe))
+    assert t["at_risk_recovered_rate"] == round(100 * sum(rec) / len(rec), 2)
+    assert s["at_risk_recovered_rate"] == round(100 * sum(r["recovered"] is True for r in risk) / len(risk), 2)
 
 
 def test_at_risk_set_cuts_and_cap(tmp_path):

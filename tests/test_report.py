@@ -159,6 +159,9 @@ def test_charts_are_written_and_training_keeps_objectives_apart(made, runs, tmp_
     assert report.rollout_chosen_chart(data, tmp_path)["missing"] == {"sipt": [1]}
     metrics = report.metrics_chart(data, tmp_path)["panels"]
     assert metrics["Generation quality"] == ["sipt", "ntp"] and metrics["Repetition"] == []
+    from sipt.charts import PANELS
+
+    assert list(metrics) == [title for _, title, _, _ in PANELS]  # every panel drawn, none cut by the grid
 
 
 def test_replicate_table_gives_mean_and_range_over_seeds(tmp_path):
