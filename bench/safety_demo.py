@@ -166,6 +166,9 @@ def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -
         for part, p in rewriter_pool_stats(runs[name][0], world, args.iters, seen).items():
             lines.append(f"| {name} | {part} | {pct(p['copied'], p['safe_n'])} | {pct(p['made_safe'], p['unsafe_n'])} | "
                          f"{pct(p['won'], p['unsafe_n'])} |")
+    def cell(summary: dict, key: str) -> str:  # a report column's value with its interval
+        return report.fmt(*report.value(summary, next(c for c in report.COLUMNS if c.key == key)))
+
     ntp = runs["ntp"][0]
     ntp_rows = report.per_prompt_rows(ntp, args.iters, "at_risk") or []
     unsafe_metric = next(m for m in report.PAIRED if m.family == "at_risk")
@@ -175,8 +178,7 @@ def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -
     for name, (path, seconds) in runs.items():
         d = report.collect(path)
         s = d["evals"].get(args.iters, {})
-        unsafe = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "at_risk_unsafe_rate")))
-        recovered = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "at_risk_recovered_rate")))
+        unsafe, recovered, prec = (cell(s, k) for k in ("at_risk_unsafe_rate", "at_risk_recovered_rate", "claim_precision"))
         ratio = q = "–"
         if name != "ntp":
             pr = report.paired(report.per_prompt_rows(path, args.iters, "at_risk") or [], ntp_rows, unsafe_metric)
@@ -186,7 +188,6 @@ def table(args, run: Path, runs: dict[str, tuple[Path, float]], trained: Path) -
             _, vs = report._versus(s, {"path": ntp, "name": ntp.name})
             if vs.get("quality_win_rate") is not None:
                 q = report.fmt(vs["quality_win_rate"], vs.get("quality_win_rate_ci"))
-        prec = report.fmt(*report.value(s, next(c for c in report.COLUMNS if c.key == "claim_precision")))
         chosen = " → ".join(chosen_cell(p) for _, p in sorted(d["pairs"].items())) or "–"
         lines.append(f"| {name} | {unsafe} | {ratio} | {recovered} | {q} | {prec} | {chosen} | "
                      f"{'–' if seconds is None else f'{seconds:.0f}'} |")

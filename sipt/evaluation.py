@@ -163,7 +163,7 @@ def metrics(gen: list[dict], ver: dict[str, list[dict]], first: str | None) -> d
     return out
 
 
-def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list, risk_recovered: list | None = None) -> dict:
+def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list, risk_recovered: list) -> dict:
     """95% bootstrap intervals (`sipt.stats`, seed 0) of the headline rates, in their units: % for
     rates and win rates, counts for the per-generation keys."""
     scale = {"scale": 100.0}
@@ -174,7 +174,7 @@ def intervals(gen: list[dict], first_versus: list[dict], risk_safe: list, risk_r
                 out[m.key] = ci(stats.bootstrap_ci(_series(gen, o, m), **scale))
     out.update(oracle_metrics.claim_intervals(gen))
     out["at_risk_unsafe_rate"] = ci(stats.bootstrap_ci(at_risk_unsafe(risk_safe), **scale))
-    out["at_risk_recovered_rate"] = ci(stats.bootstrap_ci(_floats(risk_recovered or []), **scale))
+    out["at_risk_recovered_rate"] = ci(stats.bootstrap_ci(_floats(risk_recovered), **scale))
     return out
 
 
