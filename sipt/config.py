@@ -173,6 +173,10 @@ class TrainConfig:
     )
     beta: float = knob(0.1, "DPO temperature beta of the sigmoid loss.")
     ntp_weight: float = knob(0.0, "Weight of an NTP loss on the samples' suffixes mixed into dpo / rf-nll.")
+    chosen_nll_weight: float = knob(
+        0.0, "objective = dpo: weight of an NLL loss (per token) on each pair's chosen continuation added to the "
+        "DPO loss, from the same forward pass (TRL's rpo_alpha; Pang et al. 2024). 0: plain DPO. Ignored by "
+        "objective = ntp (the NTP baseline shares the config); an error with rf-nll.", added=True)
     ntp_span: str = knob(
         "document", "What objective = ntp trains on: document (prefix + suffix + the rest of the document, "
         "up to data.max_prefix_tokens after the suffix, and EOS where it ends: plain pretraining) or sample "
@@ -277,6 +281,10 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def register_section(name: str, cls: type) -> None:
     SECTIONS[name] = cls
 
@@ -347,6 +355,10 @@ class Config:
         """Hash of the result-affecting values of `keys` (sections, or `section.key`): the config
         fingerprint of a stage that depends on exactly those."""
         d = self.to_dict(results_only=True)
+        for name, obj in self.sections.items():  # knobs added later, at their default: as before they existed
+            for f in dataclasses.fields(obj):
+                if f.metadata.get("added") and f.name in d[name] and getattr(obj, f.name) == _default(f):
+                    del d[name][f.name]
         picked = {}
         for key in sorted(keys):
             section, _, name = key.partition(".")

@@ -30,7 +30,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "judge.repeats": (1, None), "judge.parse_retries": (0, None), "judge.temperature": (0, None),
     "judge.top_p": (0, 1), "judge.max_new_tokens": (1, None), "judge.noise": (0, 1),
     "pair.min_margin": (0, None),
-    "train.beta": (0, None), "train.ntp_weight": (0, None), "train.lr": (0, None), "train.min_lr_ratio": (0, 1),
+    "train.beta": (0, None), "train.ntp_weight": (0, None), "train.chosen_nll_weight": (0, None), "train.lr": (0, None), "train.min_lr_ratio": (0, 1),
     "train.warmup_steps": (0, None), "train.total_steps": (0, None), "train.batch_size": (1, None),
     "train.micro_batch_size": (1, None), "train.epochs": (1, None), "train.weight_decay": (0, None),
     "train.adam_beta1": (0, 1), "train.adam_beta2": (0, 1), "train.max_grad_norm": (0, None),
@@ -74,3 +74,7 @@ def validate(cfg: "Config", where: str = "config") -> None:
     if e in ENGINES and not ENGINES[e].policy:
         raise SiptError(f"{where}: eval.engine = '{e}': the {e} only judges; the policy generates with {generators}")
 
+    t = cfg.train
+    if t.chosen_nll_weight and t.objective == "rf-nll":
+        raise SiptError(f"{where}: train.chosen_nll_weight = {t.chosen_nll_weight} adds an NLL term to the DPO loss; "
+                        "train.objective = 'rf-nll' already trains on the chosen continuation alone")

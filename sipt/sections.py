@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def knob(default: Any, help: str, *, results: bool = True, choices: tuple | None = None):
-    """A config field with its documentation. Mutable defaults are copied per instance."""
-    meta = {"help": help, "results": results, "choices": choices}
+def knob(default: Any, help: str, *, results: bool = True, choices: tuple | None = None, added: bool = False):
+    """A config field with its documentation. Mutable defaults are copied per instance. `added`: a knob
+    added after runs were made, left out of the config hash while it is at its default, so a stage
+    finished before it existed stays fresh (`Config.hash`)."""
+    meta = {"help": help, "results": results, "choices": choices, "added": added}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)

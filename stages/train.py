@@ -29,7 +29,7 @@ import torch
 from sipt import artifacts, tracking
 from sipt.config import Config
 from sipt.errors import SiptError, StageInterrupted
-from sipt.losses import dpo_loss, nll_loss
+from sipt.losses import dpo_loss, nll_loss, sequence_logps
 from sipt.progress import progress_bar
 from sipt.samples import derive_seed, iteration_samples, read_samples, tokenizer_bos
 from sipt.training import (Dist, build_batch, forward_logps, forward_tail, full_state_dict,  # noqa: F401
@@ -386,13 +386,18 @@ def _loss(model, chunk, t, bos, pad, context, device) -> tuple[torch.Tensor, dic
     if t.objective == "dpo":  # chosen and rejected in one forward pass
         batch = build_batch(chunk + chunk, ["chosen_ids"] * len(chunk) + ["rejected_ids"] * len(chunk),
                             bos, pad, context, device)
-        logps = forward_logps(model, batch)
+        logits, ids, mask = forward_tail(model, batch)
+        logps = sequence_logps(logits, ids, mask)
         pc, pr = logps[: len(chunk)], logps[len(chunk) :]
         rc = torch.tensor([ex["ref_chosen"] for ex in chunk], device=device)
         rr = torch.tensor([ex["ref_rejected"] for ex in chunk], device=device)
         loss, cr, rjr = dpo_loss(pc, pr, rc, rr, t.beta)
         stats = {"loss": float(loss.detach()), "margin": float((cr - rjr).mean()), "acc": float((cr > rjr).float().mean()),
                  "chosen": float(cr.mean()), "rejected": float(rjr.mean())}
+        if t.chosen_nll_weight:  # RPO: NLL of the chosen continuations, from the same logits
+            n = len(chunk)
+            loss = loss + t.chosen_nll_weight * nll_loss(logits[:n], ids[:n], mask[:n])
+            stats["loss"] = float(loss.detach())
     else:  # rf-nll: NLL of the chosen continuation; ntp: of the whole document
         batch = build_batch(chunk, "chosen_ids", bos, pad, context, device)
         loss = nll_loss(*forward_tail(model, batch))

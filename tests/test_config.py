@@ -129,6 +129,21 @@ def test_hash_depends_on_named_keys_only():
     assert a.hash(["data"]) == c.build({"data": {"tokenize_batch_size": 1}}).hash(["data"])
 
 
+def test_a_knob_added_later_leaves_old_hashes_alone_at_its_default():
+    import hashlib
+    import json
+
+    a = c.build({})
+    d = a.to_dict(results_only=True)["train"]
+    del d["chosen_nll_weight"]  # the train section as it was before the knob existed
+    before = hashlib.sha256(json.dumps({"train": d}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert a.hash(["train"]) == before
+    assert c.build({"train": {"chosen_nll_weight": 0.5}}).hash(["train"]) != before
+    with pytest.raises(SiptError, match="rf-nll"):
+        c.validate(c.build({"train": {"chosen_nll_weight": 0.5, "objective": "rf-nll"}}))
+    c.validate(c.build({"train": {"chosen_nll_weight": 0.5, "objective": "ntp"}}))  # ignored by the NTP baseline
+
+
 def test_every_key_is_documented():
     ref = c.reference_markdown()
     for name, cls in c.SECTIONS.items():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -346,3 +347,17 @@ def test_more_training_processes_than_gpus_is_a_clear_error(monkeypatch):
     assert process_device("auto", 1, 2) == torch.device("cpu")
     with pytest.raises(SiptError, match="torch sees no GPU"):
         process_device("cuda", 0, 1)
+
+
+def test_chosen_nll_weight_adds_the_chosen_nll_to_the_dpo_loss(paired):
+    run, cfg = paired
+    model = AutoModelForCausalLM.from_pretrained(run / "iter-000" / "policy")
+    chunk = [dict(ex, ref_chosen=-20.0, ref_rejected=-25.0) for ex in train.load_examples(run, cfg, 0)[:4]]
+    plain, stats = train._loss(model, chunk, cfg.train, None, 1, 2048, "cpu")
+    t = dataclasses.replace(cfg.train, chosen_nll_weight=0.5)
+    mixed, mstats = train._loss(model, chunk, t, None, 1, 2048, "cpu")
+    nll = nll_loss(*train.forward_tail(model, train.build_batch(chunk, "chosen_ids", None, 1, 2048, "cpu")))
+    assert float(mixed) == pytest.approx(float(plain) + 0.5 * float(nll), rel=1e-4)
+    assert mstats["margin"] == pytest.approx(stats["margin"], rel=1e-5) and mstats["loss"] == pytest.approx(float(mixed))
+    m = train.run(run, config_mod.resolve(run, overrides={"train.chosen_nll_weight": 0.5}), 0, show_progress=False)
+    assert m["stats"]["steps"] == 6  # trains end to end with the term
