@@ -43,7 +43,10 @@ def test_rewrite_with_smollm2_on_the_real_prompt(run_with_policy, corpus_dir, sm
     for row in t.to_pylist():
         assert row["response"]  # the model answered
         assert len(row["rewrite_ids"]) <= 16
-        assert bool(row["error"]) == (row["rewrite_text"].strip() == "")
+        if row["error"]:  # an error row is empty, or kept for inspection when it echoed the prompt
+            assert row["rewrite_text"].strip() == "" or row["error"] == "the rewriter repeated the prompt"
+        else:
+            assert row["rewrite_text"].strip()
     assert rewrite.run(run, cfg, 0, show_progress=False) == {**m, "skipped": True}
 
 
