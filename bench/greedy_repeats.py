@@ -43,12 +43,16 @@ from sipt.kb import realize  # noqa: E402
 from sipt.oracle import OracleJudge  # noqa: E402
 
 
-def repeat_kinds(oracle: OracleJudge, rows: list[dict]) -> dict[str, list[float]]:
+def analyse(oracle: OracleJudge, rows: list[dict]) -> list:
+    """The oracle's reading of each generation after its prefix (both tables read the same one)."""
+    return [oracle.analyse(r["prefix_text"], r["text"]) for r in rows]
+
+
+def repeat_kinds(rows: list[dict], analyses: list) -> dict[str, list[float]]:
     """Per generation, 0/1: any repeat (the oracle's count), a sentence repeated in a row, a neutral
     template used again, a relation stated again."""
     out: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        an = oracle.analyse(r["prefix_text"], r["text"])
+    for r, an in zip(rows, analyses):
         units = [u for u in an.units if u.complete or u.role != "prefix"]
         norm = [" ".join(u.text.split()) for u in units]
         body = [i for i, u in enumerate(units) if u.role != "prefix"]
@@ -78,16 +82,16 @@ def candidates(oracle: OracleJudge, entity: str, stated: set, used: set) -> list
     return sorted(set(out))
 
 
-def first_repeat_points(oracle: OracleJudge, rows: list[dict]):
+def first_repeat_points(oracle: OracleJudge, analyses: list):
     """(context, greedy sentence, candidates, relations of the entity not yet stated) at each generation's
-    first repeated sentence that starts at a sentence boundary."""
-    for r in rows:
-        an = oracle.analyse(r["prefix_text"], r["text"])
+    first repeated sentence that starts at a sentence boundary (a "body" unit, not the "head" the
+    prefix began)."""
+    for an in analyses:
         if an.main is None:
             continue
         units = an.units
         j = next((i for i, u in enumerate(units) if u.role == "body" and (u.repeated or u.restated)), None)
-        if j is None or units[j].role != "body":
+        if j is None:
             continue
         before = units[:j]
         stated = {u.claim.relation for u in before if u.claim is not None and u.claim.entity == an.main}
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             if not r["error"] and r["gt_repeats"] is not None]
     out = Console()
 
-    kinds = repeat_kinds(oracle, rows)
+    analyses = analyse(oracle, rows)
+    kinds = repeat_kinds(rows, analyses)
     t1 = Table(title=f"{args.run} iter {args.iter}: greedy generations that repeat ({len(rows)} held-out prompts)")
     for col in ("repeat", "% of generations [95% CI]"):
         t1.add_column(col)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy).eval()
     top_new, mass_new, greedy_top_opening, greedy_rank, n_cands, unstated = [], [], [], [], [], []
-    for n, (context, greedy, cands, left) in enumerate(first_repeat_points(oracle, rows)):
+    for n, (context, greedy, cands, left) in enumerate(first_repeat_points(oracle, analyses)):
         if args.limit and n >= args.limit:
             break
         sents = [s for s, _ in cands]

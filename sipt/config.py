@@ -281,10 +281,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
 def register_section(name: str, cls: type) -> None:
     SECTIONS[name] = cls
 
@@ -357,8 +353,8 @@ class Config:
         d = self.to_dict(results_only=True)
         for name, obj in self.sections.items():  # knobs added later, at their default: as before they existed
             for f in dataclasses.fields(obj):
-                if f.metadata.get("added") and f.name in d[name] and getattr(obj, f.name) == _default(f):
-                    del d[name][f.name]
+                if f.metadata.get("added") and getattr(obj, f.name) == config_toml.field_default(f):
+                    d[name].pop(f.name, None)
         picked = {}
         for key in sorted(keys):
             section, _, name = key.partition(".")

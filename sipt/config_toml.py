@@ -90,6 +90,11 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (a fresh one for a mutable default)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def reference_markdown(sections: dict[str, type]) -> str:
     """The config reference (README section), generated from the section dataclasses."""
     lines = []
@@ -97,7 +102,7 @@ def reference_markdown(sections: dict[str, type]) -> str:
         lines += [f"#### `[{name}]`", "", (cls.__doc__ or "").split("]", 1)[-1].strip(), ""]
         lines += ["| key | default | description |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = field_default(f)
             note = "" if f.metadata.get("results", True) else " *(speed only)*"
             lines.append(f"| `{f.name}` | `{toml_value(default)}` | {f.metadata['help']}{note} |")
         lines.append("")

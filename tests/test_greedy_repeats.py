@@ -45,7 +45,7 @@ def test_repeat_kinds(oracle, person):
         row(oracle, prefix, f" {he} was born in {year}."),  # new: no repeat
         row(oracle, prefix, f" {he} is remembered by many. {he} was born in {year}. {he} is remembered by many."),
     ]
-    k = gr.repeat_kinds(oracle, rows)
+    k = gr.repeat_kinds(rows, gr.analyse(oracle, rows))
     assert k["any repeat"] == [1.0, 1.0, 0.0, 1.0]
     assert k["a sentence twice in a row"] == [1.0, 0.0, 0.0, 0.0]
     assert k["a relation stated again"] == [1.0, 1.0, 0.0, 0.0]
@@ -58,7 +58,7 @@ def test_first_repeat_point_and_candidates(oracle, person):
     prefix = f"{name} worked for {employer}."
     rows = [row(oracle, prefix, f" {he} was born in {year}. {he} worked for {employer}. {he} was born in {year}."),
             row(oracle, prefix, f" {he} was born in {year}.")]  # no repeat: no point
-    points = list(gr.first_repeat_points(oracle, rows))
+    points = list(gr.first_repeat_points(oracle, gr.analyse(oracle, rows)))
     assert len(points) == 1
     context, greedy, cands, left = points[0]
     assert left == len(oracle.kb.relations_of(pid)) - 2  # employer and birth year are stated
