@@ -4,8 +4,10 @@ Table 14's safety block), with a rewriter trained here.
 From the safety world's warm start (RUN/base, made by `make base DEMO=data/configs/demo-safety.toml
 RUN=runs/safety`):
   1. RUN/rewriter: judge-data (the oracle corruptor and unanimous oracle safety labels), then
-     rewriter-train of the warm start (a copy warm-up with the oracle's rewrites of unsafe texts as
-     the teacher, then GRPO with the paper's reward, the oracle judging), with the compact template;
+     rewriter-train of the warm start (a copy warm-up, each safe text with about a third of its words
+     replaced at random so that they can only be copied, not recalled, and the oracle's rewrites of
+     unsafe texts as the teacher; then GRPO with the paper's reward, the oracle judging), with the
+     compact template;
   2. four runs of --iters iterations from the same warm start and samples:
        ntp              next-token prediction on the suffixes (the baseline)
        suffix           SIPT, suffix vs rollouts
@@ -57,6 +59,7 @@ def train_rewriter(args, run: Path, base: Path) -> Path:
         "rewriter_train.warmup_lr": args.warmup_lr, "rewriter_train.lr": args.lr,
         "rewriter_train.lr_scheduler": "cosine", "rewriter_train.judge_seeds": 1,
         "rewriter_train.copy_scramble": args.copy_scramble,
+        **({"rewriter_train.copy_scramble_words": args.copy_scramble_words} if args.copy_scramble_words < 1 else {}),
         "rewriter_train.eval_every": args.eval_every,
         "rewriter_train.eval_limit": args.eval_limit, "rewriter_train.checkpoint_every": 50,
         "rewriter_train.max_prompt_tokens": 448})
@@ -214,7 +217,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--warmup-lr", type=float, default=3e-3)
-    ap.add_argument("--copy-scramble", type=float, default=0.0, help="rewriter_train.copy_scramble")
+    ap.add_argument("--copy-scramble", type=float, default=1.0, help="rewriter_train.copy_scramble")
+    ap.add_argument("--copy-scramble-words", type=float, default=0.35, help="rewriter_train.copy_scramble_words")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--eval-every", type=int, default=175)
     ap.add_argument("--eval-limit", type=int, default=128)

@@ -22,9 +22,14 @@ class RewriterTrainConfig:
                                 "and with `teacher` the teacher's rewrite of an unsafe one (paper: 0).")
     teacher: str = knob("", "Warm-up targets for unsafe suffixes: 'oracle' (the toy world's exact rewriter, "
                             "judge.world) or empty (safe suffixes only).", choices=("", "oracle"))
-    copy_scramble: float = knob(0.0, "Share of warm-up copy examples whose safe suffix is replaced by as many words "
-                                     "drawn at random from the safe training suffixes: text never seen before, so the "
-                                     "model learns to copy rather than recall (0: the suffixes as they are).")
+    copy_scramble: float = knob(0.0, "Share of warm-up copy examples whose safe suffix is scrambled: its words replaced "
+                                     "(all, or each with probability copy_scramble_words) by words drawn at random from "
+                                     "the safe training suffixes: text never seen before, so the model learns to copy "
+                                     "rather than recall (0: the suffixes as they are).")
+    copy_scramble_words: float = knob(
+        1.0, "Share of a scrambled example's words that are replaced (each word with this probability): 1 "
+             "replaces them all; below 1 the text keeps most of its words and frame, and the replaced ones "
+             "are words the model can only copy, not predict.", added=True)
     steps: int = knob(500, "GRPO steps after the warm-up (paper: 500; 0: the warm-up only).")
     batch_size: int = knob(16, "Prompts x generations per GRPO step (per_device_train_batch_size, a multiple "
                                "of generations); rows per warm-up step.")

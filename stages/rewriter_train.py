@@ -222,7 +222,8 @@ class RewriterTrainer:
             step = load_model_checkpoint(self.checkpoint, opt, sched)["step"]
             truncate_log(self.out / LOG, step, key="step")
         order = batches(rows, rt.batch_size, rt.warmup_steps, self.cfg.run.seed, rt.unsafe_share if self.teacher else 0)
-        scramble = Scrambler([r["suffix"] for r in rows if r["safe"]], rt.copy_scramble, self.cfg.run.seed)
+        scramble = Scrambler([r["suffix"] for r in rows if r["safe"]], rt.copy_scramble, self.cfg.run.seed,
+                             words=rt.copy_scramble_words)
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         with progress_bar("rewriter-train (warm-up)", total=rt.warmup_steps, unit="steps",
                           enabled=self.show_progress) as bar:
@@ -297,12 +298,13 @@ class RewriterTrainer:
 
 class Scrambler:
     """rewriter_train.copy_scramble: a safe row turned, with that probability, into a copy task on text
-    never seen (as many words, drawn at random from the safe suffixes' words). Seeded per (step,
-    slot), so a resumed warm-up draws the same texts."""
+    never seen: each of its words replaced, with probability `words` (copy_scramble_words; 1: all of
+    them), by a word drawn at random from the safe suffixes' words. Seeded per (step, slot), so a
+    resumed warm-up draws the same texts."""
 
-    def __init__(self, safe_suffixes: list[str], share: float, seed: int):
+    def __init__(self, safe_suffixes: list[str], share: float, seed: int, words: float = 1.0):
         self.words = [w for text in safe_suffixes for w in text.split()]
-        self.share, self.seed = (share if self.words else 0.0), seed
+        self.share, self.seed, self.rate = (share if self.words else 0.0), seed, words
 
     def __call__(self, row: dict, step: int, slot: int) -> dict:
         if not row["safe"] or self.share <= 0:
@@ -311,7 +313,14 @@ class Scrambler:
         if rng.random() >= self.share:
             return row
         lead = " " if row["suffix"][:1].isspace() else ""
-        text = lead + " ".join(rng.choice(self.words) for _ in range(max(1, len(row["suffix"].split()))))
+        if self.rate >= 1:  # every word drawn anew
+            text = lead + " ".join(rng.choice(self.words) for _ in range(max(1, len(row["suffix"].split()))))
+        else:  # the text's own words, some replaced (at least one)
+            own = row["suffix"].split() or [rng.choice(self.words)]
+            picked = [k for k in range(len(own)) if rng.random() < self.rate] or [rng.randrange(len(own))]
+            for k in picked:
+                own[k] = rng.choice(self.words)
+            text = lead + " ".join(own)
         return {**row, "suffix": text}
 
 

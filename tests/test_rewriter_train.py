@@ -186,3 +186,18 @@ def test_copy_scramble_makes_unseen_copy_tasks_of_safe_rows_only():
     unsafe = {**row, "safe": False}
     assert all(s(unsafe, step, 0) is unsafe for step in range(20))  # unsafe rows keep their rewrite task
     assert all(rewriter_train.Scrambler(safe, 0.0, 0)(row, step, 0) is row for step in range(20))
+
+
+def test_copy_scramble_words_keeps_the_frame_and_replaces_some_words():
+    safe = [" The old mill stands by the river and it was built in 1831 by a weaver", " Anna wrote a book about birds"]
+    s = rewriter_train.Scrambler(safe, 1.0, seed=0, words=0.2)
+    row = {"prefix": "p", "suffix": safe[0], "safe": True}
+    own = row["suffix"].split()
+    pool = {w for t in safe for w in t.split()}
+    out = [s(row, step, 0)["suffix"] for step in range(40)]
+    changed = [sum(a != b for a, b in zip(o.split(), own)) for o in out]
+    for o in out:  # as many words, each the original or one of the pool's, the leading space kept
+        assert o.startswith(" ") and len(o.split()) == len(own) and set(o.split()) <= pool
+    assert sum(c > 0 for c in changed) >= 30  # a draw may put back the same word, rarely
+    assert 1.5 < sum(changed) / len(changed) < 5.5  # about a fifth of 16 words
+    assert [s(row, step, 0)["suffix"] for step in range(40)] == out  # seeded: a resumed run draws the same
