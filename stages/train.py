@@ -74,6 +74,24 @@ def load_examples(run_dir: Path, cfg: Config, iteration: int) -> list[dict]:
     return rows
 
 
+def example_length(ex: dict, context: int) -> int:
+    """Tokens of an example's longest sequence in a batch (prompt + continuation, cut to the context)."""
+    return min(context, len(ex["prefix_ids"]) + max(len(ex["chosen_ids"]), len(ex.get("rejected_ids") or [])))
+
+
+def length_grouped(idx: list[int], lengths: list[int], batch: int, groups: int, rng: random.Random) -> list[int]:
+    """train.group_by_length: `idx` (one shuffled epoch) cut into groups of `groups` x `batch` examples,
+    each group sorted by length (longest first), cut into batches, and the full batches shuffled; a
+    last, smaller batch stays last (the steps' slicing of the epoch is unchanged). Every example
+    stays exactly once."""
+    size = batch * groups
+    ranked = [i for g in range(0, len(idx), size) for i in sorted(idx[g : g + size], key=lambda i: -lengths[i])]
+    full = len(ranked) // batch * batch
+    cut = [ranked[k : k + batch] for k in range(0, full, batch)]
+    rng.shuffle(cut)
+    return [i for b in cut for i in b] + ranked[full:]
+
+
 def steps_per_iteration(cfg: Config, n_examples: int | None = None) -> int:
     n = n_examples if n_examples is not None else cfg.run.prompts_per_iter
     return max(1, math.ceil(n * cfg.train.epochs / cfg.train.batch_size))
@@ -278,6 +296,9 @@ def _loop(s: TrainState, run_dir: Path, show_progress: bool) -> None:
     for epoch in range(t.epochs):
         idx = list(range(len(s.examples)))
         random.Random(derive_seed(s.cfg.run.seed, "train", s.iteration, epoch)).shuffle(idx)
+        if t.group_by_length:
+            idx = length_grouped(idx, [example_length(ex, s.context) for ex in s.examples], t.batch_size,
+                                 t.group_by_length, random.Random(derive_seed(s.cfg.run.seed, "group", s.iteration, epoch)))
         order += idx
     # Every process needs an equal share: a batch's last len % processes examples are left out
     # (a batch smaller than the process count is repeated up to it instead); both are counted.
