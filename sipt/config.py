@@ -206,8 +206,9 @@ class TrainConfig:
     group_by_length: int = knob(
         0, "Make each epoch's batches from groups of this many batches' worth of shuffled examples, each group "
         "sorted by length, then shuffle the batches (Hugging Face's group_by_length uses 50): less padding, "
-        "so faster on documents of uneven length (objective = ntp), at the cost of batches of like lengths. "
-        "0: plain shuffled batches.", added=True)
+        "so faster on documents of uneven length (objective = ntp), at the cost of batches of like lengths "
+        "(on the toy world's warm start they learned less per epoch: README, Benchmarks). 0: plain shuffled "
+        "batches.", added=True)
     weight_decay: float = knob(0.0, "AdamW weight decay.")
     adam_beta1: float = knob(0.9, "AdamW beta1.")
     adam_beta2: float = knob(0.95, "AdamW beta2.")

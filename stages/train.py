@@ -297,8 +297,9 @@ def _loop(s: TrainState, run_dir: Path, show_progress: bool) -> None:
         idx = list(range(len(s.examples)))
         random.Random(derive_seed(s.cfg.run.seed, "train", s.iteration, epoch)).shuffle(idx)
         if t.group_by_length:
-            idx = length_grouped(idx, [example_length(ex, s.context) for ex in s.examples], t.batch_size,
-                                 t.group_by_length, random.Random(derive_seed(s.cfg.run.seed, "group", s.iteration, epoch)))
+            lengths = [example_length(ex, s.context) for ex in s.examples]
+            rng = random.Random(derive_seed(s.cfg.run.seed, "group", s.iteration, epoch))
+            idx = length_grouped(idx, lengths, t.batch_size, t.group_by_length, rng)
         order += idx
     # Every process needs an equal share: a batch's last len % processes examples are left out
     # (a batch smaller than the process count is repeated up to it instead); both are counted.
