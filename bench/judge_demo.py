@@ -3,7 +3,8 @@
 From the demo (`make loop`: RUN/world, RUN/sipt, RUN/base), into RUN/judge:
   1. `judge-data` on the SIPT run's samples: the oracle corruptor and the oracle as safety labeller;
   2. `judge-train` (verdict mode) of the world's warm start (RUN/base/iter-006/policy);
-  3. a table, before -> after: validation accuracy per task, the Option-1 rate, and agreement with the
+  3. a table, before -> after: validation accuracy per task (quality also by the corruption kind: wrong
+     value, unsafe sentence, near copy), the Option-1 rate, and agreement with the
      oracle on real candidate pairs (two rollouts of one prefix from RUN/sipt/iter-NNN/rollout, both
      orders, the pairs the oracle does not call a tie), each with a 95% Wilson interval and its n.
 Verdicts are read as judge.mode = logprob reads them. Printed as Markdown (the README pastes it).
@@ -63,7 +64,27 @@ def real_pairs(run: Path, iteration: int, prefixes: int) -> list[tuple[str, str,
     return out
 
 
-def measure(folder: Path, rows: list[dict], pairs, template: str, max_prompt_tokens: int) -> dict:
+KINDS = ("wrong value", "unsafe sentence", "near copy")
+
+
+def corruption_kinds(out: Path, world: Path) -> dict[str, str]:
+    """The kind of each validation quality row's corruption (by its prompt), read back by the oracle:
+    an unsafe sentence more than the original, else a repeat more, else a wrong value."""
+    oracle = OracleJudge(world / "kb.json")
+    table = artifacts.read_table(artifacts.stage_dir(out, "judge-data"),
+                                 columns=["task", "split", "prompt", "prefix", "option_1", "option_2", "label", "error"])
+    kinds = {}
+    for r in table.to_pylist():
+        if r["task"] != "quality" or r["split"] != "validation" or r["error"]:
+            continue
+        original, corrupted = (r["option_1"], r["option_2"]) if r["label"] == 1.0 else (r["option_2"], r["option_1"])
+        a, b = oracle.counts(r["prefix"], original), oracle.counts(r["prefix"], corrupted)
+        kinds[r["prompt"]] = KINDS[1] if b["unsafe"] > a["unsafe"] else KINDS[2] if b["repeats"] > a["repeats"] else KINDS[0]
+    return kinds
+
+
+def measure(folder: Path, rows: list[dict], pairs, template: str, max_prompt_tokens: int,
+            kinds: dict[str, str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,6 +101,9 @@ def measure(folder: Path, rows: list[dict], pairs, template: str, max_prompt_tok
         out[task] = (sum(p == r["label"] for p, r in zip(preds, picked)), len(picked))
         if task == "quality":
             out["option1"] = (sum(p == 1.0 for p in preds), len(preds))
+            for kind in KINDS:  # accuracy by the corruption's kind
+                got = [p == r["label"] for p, r in zip(preds, picked) if (kinds or {}).get(r["prompt"]) == kind]
+                out[f"quality: {kind}"] = (sum(got), len(got))
     prompts, truth = [], []
     for prefix, a, b, v in pairs:
         prompts += [render(template, prefix=prefix, option_1=a, option_2=b),
@@ -120,8 +144,9 @@ def main() -> None:
     rows = [r for r in judge_train.read_rows(out)["validation"]]
     pairs = real_pairs(run, args.iter, args.prefixes)
     template = load_template("quality")
-    before = measure(model, rows, pairs, template, cfg.judge_train.max_prompt_tokens)
-    after = measure(out / "judge-train", rows, pairs, template, cfg.judge_train.max_prompt_tokens)
+    kinds = corruption_kinds(out, run / "world")
+    before = measure(model, rows, pairs, template, cfg.judge_train.max_prompt_tokens, kinds)
+    after = measure(out / "judge-train", rows, pairs, template, cfg.judge_train.max_prompt_tokens, kinds)
     s = data["stats"]
     print(f"\njudge-data: {s['quality_parsed']}/{s['quality_requested']} corruptions parsed, "
           f"{s['quality_rows']} quality rows (both orders), {s['safety_unanimous']}/{s['safety_requested']} "
@@ -142,6 +167,12 @@ def main() -> None:
         point = k / n if n else float("nan")
         verdict = "yes" if ok(lo, hi, point) else ("point only" if ok(point, point, point) else "no")
         print(f"| {name} | {target} | {n} | {cell(*before[key])} | {cell(k, n)} | {verdict} |")
+    print("\nValidation accuracy on quality by the corruption's kind (the oracle reads each pair back):\n")
+    print("| corruption | n | before | after |")
+    print("|---|---|---|---|")
+    for kind in KINDS:
+        print(f"| {kind} | {after[f'quality: {kind}'][1]} | {cell(*before[f'quality: {kind}'])} | "
+              f"{cell(*after[f'quality: {kind}'])} |")
     print(f"\n(real pairs: {len(pairs)} non-tied pairs of rollouts of {args.prefixes} prefixes, judged in both orders; "
           "'met' = the whole interval meets the target, 'point only' = the point estimate does)")
 
