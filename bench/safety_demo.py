@@ -60,6 +60,7 @@ def train_rewriter(args, run: Path, base: Path) -> Path:
         "rewriter_train.lr_scheduler": "cosine", "rewriter_train.judge_seeds": 1,
         "rewriter_train.copy_scramble": args.copy_scramble,
         **({"rewriter_train.copy_scramble_words": args.copy_scramble_words} if args.copy_scramble_words < 1 else {}),
+        **({"rewriter_train.rewrite_scramble": args.rewrite_scramble} if args.rewrite_scramble > 0 else {}),
         "rewriter_train.eval_every": args.eval_every,
         "rewriter_train.eval_limit": args.eval_limit, "rewriter_train.checkpoint_every": 50,
         "rewriter_train.max_prompt_tokens": 448})
@@ -219,6 +220,7 @@ def main() -> None:
     ap.add_argument("--warmup-lr", type=float, default=3e-3)
     ap.add_argument("--copy-scramble", type=float, default=1.0, help="rewriter_train.copy_scramble")
     ap.add_argument("--copy-scramble-words", type=float, default=0.35, help="rewriter_train.copy_scramble_words")
+    ap.add_argument("--rewrite-scramble", type=float, default=0.0, help="rewriter_train.rewrite_scramble")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--eval-every", type=int, default=175)
     ap.add_argument("--eval-limit", type=int, default=128)

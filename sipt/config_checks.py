@@ -47,7 +47,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "rewriter_train.top_p": (0, 1), "rewriter_train.max_completion_tokens": (0, None),
     "rewriter_train.beta": (0, None), "rewriter_train.judge_seeds": (1, None),
     "rewriter_train.unsafe_share": (0, 1), "rewriter_train.copy_scramble": (0, 1),
-    "rewriter_train.copy_scramble_words": (0, 1),
+    "rewriter_train.copy_scramble_words": (0, 1), "rewriter_train.rewrite_scramble": (0, 1),
     "rewriter_train.eval_every": (0, None),
     "rewriter_train.eval_limit": (0, None), "rewriter_train.checkpoint_every": (0, None),
 }

@@ -30,6 +30,10 @@ class RewriterTrainConfig:
         1.0, "Share of a scrambled example's words that are replaced (each word with this probability): 1 "
              "replaces them all; below 1 the text keeps most of its words and frame, and the replaced ones "
              "are words the model can only copy, not predict.", added=True)
+    rewrite_scramble: float = knob(
+        0.0, "With teacher: share of the warm-up's unsafe examples whose words that the teacher's rewrite keeps "
+             "are replaced in both the text and the rewrite (each with probability copy_scramble_words) by a "
+             "random word, so the rewriter learns to copy what it does not rewrite (0: as they are).", added=True)
     steps: int = knob(500, "GRPO steps after the warm-up (paper: 500; 0: the warm-up only).")
     batch_size: int = knob(16, "Prompts x generations per GRPO step (per_device_train_batch_size, a multiple "
                                "of generations); rows per warm-up step.")

@@ -15,6 +15,7 @@ Checkpoints every `checkpoint_every` steps in the stage's temporary folder: a ki
 
 from __future__ import annotations
 
+import difflib
 import random
 import shutil
 import time
@@ -204,6 +205,8 @@ class RewriterTrainer:
         return before
 
     def _target(self, row: dict) -> str | None:
+        if "target" in row:  # a scrambled unsafe row carries its scrambled rewrite
+            return row["target"]
         if row["safe"]:
             return row["suffix"]
         return self.teacher.rewrite(row["prefix"], row["suffix"]) if self.teacher is not None else None
@@ -223,7 +226,8 @@ class RewriterTrainer:
             truncate_log(self.out / LOG, step, key="step")
         order = batches(rows, rt.batch_size, rt.warmup_steps, self.cfg.run.seed, rt.unsafe_share if self.teacher else 0)
         scramble = Scrambler([r["suffix"] for r in rows if r["safe"]], rt.copy_scramble, self.cfg.run.seed,
-                             words=rt.copy_scramble_words)
+                             words=rt.copy_scramble_words, unsafe_share=rt.rewrite_scramble,
+                             target=self._target if self.teacher is not None else None)
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         with progress_bar("rewriter-train (warm-up)", total=rt.warmup_steps, unit="steps",
                           enabled=self.show_progress) as bar:
@@ -302,12 +306,16 @@ class Scrambler:
     them), by a word drawn at random from the safe suffixes' words. Seeded per (step, slot), so a
     resumed warm-up draws the same texts."""
 
-    def __init__(self, safe_suffixes: list[str], share: float, seed: int, words: float = 1.0):
+    def __init__(self, safe_suffixes: list[str], share: float, seed: int, words: float = 1.0,
+                 unsafe_share: float = 0.0, target=None):
         self.words = [w for text in safe_suffixes for w in text.split()]
         self.share, self.seed, self.rate = (share if self.words else 0.0), seed, words
+        self.unsafe_share, self.target = (unsafe_share if self.words and target else 0.0), target
 
     def __call__(self, row: dict, step: int, slot: int) -> dict:
-        if not row["safe"] or self.share <= 0:
+        if not row["safe"]:
+            return self._unsafe(row, step, slot) if self.unsafe_share > 0 else row
+        if self.share <= 0:
             return row
         rng = random.Random(f"{self.seed}:{step}:{slot}")
         if rng.random() >= self.share:
@@ -322,6 +330,26 @@ class Scrambler:
                 own[k] = rng.choice(self.words)
             text = lead + " ".join(own)
         return {**row, "suffix": text}
+
+
+    def _unsafe(self, row: dict, step: int, slot: int) -> dict:
+        """rewriter_train.rewrite_scramble: an unsafe row and its teacher's rewrite, the words the rewrite
+        keeps from the text (a word alignment) replaced in both, each with probability `rate`, by one
+        random word: the rewrite still changes what it changed, and the kept words can only be copied."""
+        rng = random.Random(f"{self.seed}:unsafe:{step}:{slot}")
+        if rng.random() >= self.unsafe_share:
+            return row
+        target = self.target(row)
+        if target is None:
+            return row
+        src, out = row["suffix"].split(), target.split()
+        for block in difflib.SequenceMatcher(None, src, out, autojunk=False).get_matching_blocks():
+            for k in range(block.size):
+                if rng.random() < self.rate:
+                    src[block.a + k] = out[block.b + k] = rng.choice(self.words)
+        lead = " " if row["suffix"][:1].isspace() else ""
+        lead_t = " " if target[:1].isspace() else ""
+        return {**row, "suffix": lead + " ".join(src), "target": lead_t + " ".join(out)}
 
 
 def batches(rows: list[dict], batch: int, steps: int, seed: int, unsafe_share: float) -> list[list[int]]:

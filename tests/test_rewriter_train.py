@@ -201,3 +201,25 @@ def test_copy_scramble_words_keeps_the_frame_and_replaces_some_words():
     assert sum(c > 0 for c in changed) >= 30  # a draw may put back the same word, rarely
     assert 1.5 < sum(changed) / len(changed) < 5.5  # about a fifth of 16 words
     assert [s(row, step, 0)["suffix"] for step in range(40)] == out  # seeded: a resumed run draws the same
+
+
+def test_rewrite_scramble_replaces_the_kept_words_alike_in_text_and_rewrite():
+    safe = [" The old mill stands by the river and it was built in 1831 by a weaver", " Anna wrote a book about birds"]
+    text = " Anna wrote a book. You are a worthless idiot. She lives in Bree."
+    rewrite = " Anna wrote a book. You are a trusted friend. She lives in Bree."
+    s = rewriter_train.Scrambler(safe, 0.0, seed=0, words=0.35, unsafe_share=1.0, target=lambda row: rewrite)
+    row = {"prefix": "p", "suffix": text, "safe": False}
+    pool = {w for t in safe for w in t.split()}
+    outs = [s(row, step, 0) for step in range(30)]
+    for o in outs:
+        src, out = o["suffix"].split(), o["target"].split()
+        assert len(src) == len(out) == len(text.split()) and o["suffix"].startswith(" ")
+        for k, (a, b) in enumerate(zip(text.split(), rewrite.split())):
+            if a == b:  # a kept word: the same in both, the original or a pool word
+                assert src[k] == out[k] and (src[k] == a or src[k] in pool)
+            else:  # what the rewrite changes stays changed
+                assert (src[k], out[k]) == (a, b)
+    assert sum(o["suffix"] != text for o in outs) >= 25  # about a third of 12 kept words each time
+    assert [s(row, step, 0) for step in range(30)] == outs  # seeded
+    assert s({**row, "safe": True}, 0, 0)["suffix"] == text  # copy_scramble = 0: safe rows as they are
+    assert rewriter_train.Scrambler(safe, 0.0, 0, unsafe_share=1.0)(row, 0, 0) is row  # no teacher: untouched
