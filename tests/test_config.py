@@ -135,10 +135,11 @@ def test_a_knob_added_later_leaves_old_hashes_alone_at_its_default():
 
     a = c.build({})
     d = a.to_dict(results_only=True)["train"]
-    del d["chosen_nll_weight"]  # the train section as it was before the knob existed
+    del d["chosen_nll_weight"], d["group_by_length"]  # the train section as it was before the knobs existed
     before = hashlib.sha256(json.dumps({"train": d}, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert a.hash(["train"]) == before
     assert c.build({"train": {"chosen_nll_weight": 0.5}}).hash(["train"]) != before
+    assert c.build({"train": {"group_by_length": 50}}).hash(["train"]) != before
     with pytest.raises(SiptError, match="rf-nll"):
         c.validate(c.build({"train": {"chosen_nll_weight": 0.5, "objective": "rf-nll"}}))
     c.validate(c.build({"train": {"chosen_nll_weight": 0.5, "objective": "ntp"}}))  # ignored by the NTP baseline
