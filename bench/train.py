@@ -102,7 +102,7 @@ def worker(kind: str, run: Path) -> dict:
 
     kind, _, variant = kind.partition(":")
     grouped = variant == "grouped"  # sipt-ntp with train.group_by_length = 50 (the pairs are not used)
-    write_pairs(run, "suffix-vs-rollout" if grouped else variant or "suffix-vs-rollout")
+    write_pairs(run, "suffix-vs-rollout" if grouped or not variant else variant)
     policy = run / "iter-000" / "policy"
     tok = AutoTokenizer.from_pretrained(policy)
     bos = tokenizer_bos(tok)
@@ -280,8 +280,8 @@ def main() -> None:
         Console(width=200).print(table)
         print("anchors: sipt DPO vs TRL with precompute_ref_log_probs=True (target >= 2 x, moonshot 3 x); sipt NTP vs "
               "the plain PyTorch loop (target >= 1.0 x); sipt NTP with train.group_by_length vs without (an option, no "
-              "target: tokens/s counts the real tokens, so padding saved shows as speed). Ratios are of median tokens/s. Times exclude model loading, "
-              "tokenizing and saving; DPO times include the reference pass (sipt: only for non-rollout candidates, "
+              "target: tokens/s counts the real tokens, so padding saved shows as speed). Ratios are of median "
+              "tokens/s. Times exclude model loading, tokenizing and saving; DPO times include the reference pass (sipt: only for non-rollout candidates, "
               "the rollout stage's log-probabilities under the same policy are reused; TRL: its precompute, or a "
               "reference forward in every step with the defaults).")
     finally:

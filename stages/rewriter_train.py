@@ -320,17 +320,14 @@ class Scrambler:
         rng = random.Random(f"{self.seed}:{step}:{slot}")
         if rng.random() >= self.share:
             return row
-        lead = " " if row["suffix"][:1].isspace() else ""
         if self.rate >= 1:  # every word drawn anew
-            text = lead + " ".join(rng.choice(self.words) for _ in range(max(1, len(row["suffix"].split()))))
+            words = [rng.choice(self.words) for _ in range(max(1, len(row["suffix"].split())))]
         else:  # the text's own words, some replaced (at least one)
-            own = row["suffix"].split() or [rng.choice(self.words)]
-            picked = [k for k in range(len(own)) if rng.random() < self.rate] or [rng.randrange(len(own))]
+            words = row["suffix"].split() or [rng.choice(self.words)]
+            picked = [k for k in range(len(words)) if rng.random() < self.rate] or [rng.randrange(len(words))]
             for k in picked:
-                own[k] = rng.choice(self.words)
-            text = lead + " ".join(own)
-        return {**row, "suffix": text}
-
+                words[k] = rng.choice(self.words)
+        return {**row, "suffix": _joined(words, row["suffix"])}
 
     def _unsafe(self, row: dict, step: int, slot: int) -> dict:
         """rewriter_train.rewrite_scramble: an unsafe row and its teacher's rewrite, the words the rewrite
@@ -347,9 +344,12 @@ class Scrambler:
             for k in range(block.size):
                 if rng.random() < self.rate:
                     src[block.a + k] = out[block.b + k] = rng.choice(self.words)
-        lead = " " if row["suffix"][:1].isspace() else ""
-        lead_t = " " if target[:1].isspace() else ""
-        return {**row, "suffix": lead + " ".join(src), "target": lead_t + " ".join(out)}
+        return {**row, "suffix": _joined(src, row["suffix"]), "target": _joined(out, target)}
+
+
+def _joined(words: list[str], like: str) -> str:
+    """`words` joined by spaces, with a leading space when `like` (the text they stand for) has one."""
+    return (" " if like[:1].isspace() else "") + " ".join(words)
 
 
 def batches(rows: list[dict], batch: int, steps: int, seed: int, unsafe_share: float) -> list[list[int]]:

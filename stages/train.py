@@ -293,11 +293,11 @@ def _loop(s: TrainState, run_dir: Path, show_progress: bool) -> None:
     t, dist = s.cfg.train, s.dist
     n_steps = steps_per_iteration(s.cfg, len(s.examples))
     order = []
+    lengths = [example_length(ex, s.context) for ex in s.examples] if t.group_by_length else []
     for epoch in range(t.epochs):
         idx = list(range(len(s.examples)))
         random.Random(derive_seed(s.cfg.run.seed, "train", s.iteration, epoch)).shuffle(idx)
         if t.group_by_length:
-            lengths = [example_length(ex, s.context) for ex in s.examples]
             rng = random.Random(derive_seed(s.cfg.run.seed, "group", s.iteration, epoch))
             idx = length_grouped(idx, lengths, t.batch_size, t.group_by_length, rng)
         order += idx

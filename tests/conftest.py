@@ -134,6 +134,26 @@ def world_run(tmp_path_factory, policy_run) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def oracle(tmp_path_factory):
+    """The oracle of a small toy world (seed 3: 12 people, 60 documents)."""
+    from sipt.oracle import OracleJudge
+    from sipt.world import WorldConfig, generate_world, load_kb
+
+    out = tmp_path_factory.mktemp("small_world")
+    generate_world(WorldConfig(seed=3, n_people=12, n_places=6, n_orgs=6, n_regions=5, n_docs=60,
+                               mc_questions=5), out)
+    return OracleJudge(load_kb(out))
+
+
+@pytest.fixture(scope="session")
+def person(oracle):
+    """(id, name, employer's name, birth year) of the first person of `oracle`'s world."""
+    kb = oracle.kb
+    pid = next(e for e, v in kb.entities.items() if v["type"] == "person")
+    return pid, kb.entities[pid]["name"], kb.entities[kb.facts[(pid, "employer")]]["name"], str(kb.facts[(pid, "birth_year")])
+
+
 def mc_accuracy(model, tok, docs: list[dict]) -> float:
     """lm-eval's multiple-choice accuracy, computed here by hand for checking: per question the
     log-likelihood of " " + option after the stem (the tokens of stem + " " + option past the

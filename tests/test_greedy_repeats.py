@@ -7,28 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from sipt.oracle import OracleJudge
-from sipt.world import WorldConfig, generate_world, load_kb
 
 _spec = importlib.util.spec_from_file_location("bench_greedy_repeats",
                                                Path(__file__).parents[1] / "bench" / "greedy_repeats.py")
 gr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gr)
-
-
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory) -> OracleJudge:
-    out = tmp_path_factory.mktemp("world")
-    generate_world(WorldConfig(seed=3, n_people=12, n_places=6, n_orgs=6, n_regions=5, n_docs=60,
-                               mc_questions=5), out)
-    return OracleJudge(load_kb(out))
-
-
-@pytest.fixture(scope="module")
-def person(oracle):
-    kb = oracle.kb
-    pid = next(e for e, v in kb.entities.items() if v["type"] == "person")
-    return pid, kb.entities[pid]["name"], kb.entities[kb.facts[(pid, "employer")]]["name"], str(kb.facts[(pid, "birth_year")])
 
 
 def row(oracle, prefix: str, text: str) -> dict:

@@ -6,8 +6,6 @@ import importlib.util
 from pathlib import Path
 
 from sipt.kb import realize
-from sipt.oracle import OracleJudge
-from sipt.world import WorldConfig, generate_world, load_kb
 
 _spec = importlib.util.spec_from_file_location("bench_rewriter_copies",
                                                Path(__file__).parents[1] / "bench" / "rewriter_copies.py")
@@ -15,14 +13,9 @@ rc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rc)
 
 
-def test_values_and_kept_words(tmp_path):
-    generate_world(WorldConfig(seed=3, n_people=12, n_places=6, n_orgs=6, n_regions=5, n_docs=60, mc_questions=5),
-                   tmp_path)
-    oracle = OracleJudge(load_kb(tmp_path))
+def test_values_and_kept_words(oracle, person):
+    pid, name, employer, year = person
     kb = oracle.kb
-    pid = next(e for e, v in kb.entities.items() if v["type"] == "person")
-    name, year = kb.entities[pid]["name"], str(kb.facts[(pid, "birth_year")])
-    employer = kb.entities[kb.facts[(pid, "employer")]]["name"]
     he = realize("{S} worked for {O}.", None, employer, kb.pronouns(pid)).split()[0]
     prefix = f"{name} worked for {employer}."
     text = f" {he} was born in {year}. {he} is remembered by many."
