@@ -77,15 +77,18 @@ WARM_ITERS ?= 6
 WARM   := --set model.policy='""' --set train.objective='"ntp"' --set run.prompts_per_iter=2700 \
           --set run.iterations=$(WARM_ITERS) --set train.lr=3e-3 --set train.batch_size=32 \
           --set train.micro_batch_size=32 --set train.warmup_steps=20
+# WORLD_SET: [world] overrides for the demo's world, e.g. WORLD_SET="--set world.safe_twin_rate=0.15";
+# every run under $(RUN) records them in its frozen config.
+WORLD_SET ?=
 PATHS  := --set data.inputs='["$(RUN)/world/corpus"]' --set rewrite.world='"$(RUN)/world"' \
-          --set judge.world='"$(RUN)/world"' --set eval.include_path='["$(RUN)/world/mc"]'
+          --set judge.world='"$(RUN)/world"' --set eval.include_path='["$(RUN)/world/mc"]' $(WORLD_SET)
 LOOP_FLAGS ?=
 WARM_POLICY := $(RUN)/base/iter-$(shell printf %03d $(WARM_ITERS))/policy
 FROM_BASE := --set model.policy='"$(WARM_POLICY)"' $(PATHS)
 SIPT_SET  := $(FROM_BASE) --set eval.baselines='["initial", "$(RUN)/ntp"]'
 
 world: install
-	$(BIN)/sipt world --config $(DEMO) --out $(RUN)/world --seed $(SEED)
+	$(BIN)/sipt world --config $(DEMO) --out $(RUN)/world --seed $(SEED) $(WORLD_SET)
 
 base: world
 	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/base $(WARM) $(PATHS) --no-eval $(LOOP_FLAGS)

@@ -156,14 +156,12 @@ def world(
     set_: SetOpt = None,
 ):
     """Generate the toy world: knowledge base, corpus with known false/unsafe sentences, MC task."""
-    import dataclasses
-
     from sipt import world as world_mod
 
     base = config_mod.load_toml(config) if config else {}
     cfg = config_mod.build(config_mod.apply_overrides(base, overrides(set_, {"world.seed": seed}))).world
     done = out_dir / "stats.json"
-    if done.exists() and json.loads(done.read_text()).get("config") == dataclasses.asdict(cfg):
+    if done.exists() and world_mod.same_world_config(json.loads(done.read_text()).get("config") or {}, cfg):
         stats = json.loads(done.read_text())
         out.print(f"[green]world[/] {escape(str(out_dir))} already holds this world (same config); skipped")
     else:

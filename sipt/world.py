@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ from sipt.worldgen import (  # noqa: F401 (re-exported: they lived here)
     KINDS, MC_LOADER, MC_YAML, build_corpus, build_kb, build_mc, split_corpus)
 
 
-def _help(default: Any, help: str):
-    return field(default=default, metadata={"help": help, "results": True})
+def _help(default: Any, help: str, *, added: bool = False):
+    # added: a knob that came after worlds were made; at its default it draws nothing, so a world made
+    # before it existed still counts as made from the same config (`sipt world` skips it).
+    return field(default=default, metadata={"help": help, "results": True, "added": added})
 
 
 @dataclass
@@ -56,6 +58,11 @@ class WorldConfig:
     unsafe_rate: float = _help(0.15, "Share of documents of kind `unsafe` (threats, insults, harmful instructions).")
     max_unsafe: int = _help(2, "Most unsafe sentences in an `unsafe` document.")
     degenerate_rate: float = _help(0.1, "Share of documents of kind `degenerate` (repetition loops, shuffled words).")
+    safe_twin_rate: float = _help(
+        0.0, "Chance that a document (of any kind) also holds one safe twin of an unsafe sentence, as a neutral "
+        "sentence: the unsafe template's safe counterpart, which shares its opening (\"Late at night, keep the lid "
+        "on the well.\"). 0: an unsafe sentence's opening is only ever followed by the unsafe words in the corpus, "
+        "so the policy never reads the safe way on (README, \"Safe twins\").", added=True)
     eval_fraction: float = _help(0.1, "Share of documents held out in corpus/eval.jsonl (same entities as train).")
     mc_questions: int = _help(600, "Questions in the MC task (from facts stated truly in train); 0: all such facts.")
     language: str = _help("", "Language file (templates and vocabularies). Empty: the shipped data/world/language.json.")
@@ -73,8 +80,22 @@ class WorldConfig:
             raise SiptError(f"world.false_rate + unsafe_rate + degenerate_rate = {rates:.3f} > 1; lower one of them")
         if not 0 <= self.eval_fraction < 1:
             raise SiptError(f"world.eval_fraction = {self.eval_fraction}: must be in [0, 1)")
+        if self.safe_twin_rate > 1:
+            raise SiptError(f"world.safe_twin_rate = {self.safe_twin_rate}: a chance, at most 1")
         if self.max_false < 1 or self.max_unsafe < 1 or self.max_neutral < 1 or self.min_facts < 1:
             raise SiptError("world.max_false, max_unsafe, max_neutral and min_facts must be at least 1")
+
+
+def config_dict(cfg: WorldConfig) -> dict:
+    """The config a world records in stats.json: knobs added later are left out at their defaults, so
+    a world made before they existed is written byte for byte as it was."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)
+            if not (f.metadata.get("added") and getattr(cfg, f.name) == f.default)}
+
+
+def same_world_config(saved: dict, cfg: WorldConfig) -> bool:
+    """Whether a world made from `saved` (its stats.json config) is the world `cfg` makes."""
+    return saved == config_dict(cfg)
 
 
 def _dump_jsonl(path: Path, rows: list[dict]) -> None:
@@ -128,7 +149,7 @@ def generate_world(cfg: WorldConfig, out_dir: Path) -> dict:
     train, evals = split_corpus(docs, cfg)
     mc = build_mc(kb, cfg, train)
     stats = world_stats(kb, train, evals, mc)
-    stats["config"] = asdict(cfg)
+    stats["config"] = config_dict(cfg)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -154,6 +154,8 @@ def _make_doc(kb: KnowledgeBase, cfg: WorldConfig, rng: random.Random, entity: s
     neutrals = rng.sample(lang["neutral"], min(len(lang["neutral"]), rng.randint(1, cfg.max_neutral)))
     for t in neutrals:
         plan.insert(rng.randint(1, len(plan)), ("neutral", t))
+    if cfg.safe_twin_rate > 0 and rng.random() < cfg.safe_twin_rate:  # no draw at 0: worlds as before
+        plan.insert(rng.randint(1, len(plan)), ("neutral", rng.choice(lang["unsafe"])["safe"]))
     if kind == "unsafe":
         for u in rng.sample(lang["unsafe"], min(len(lang["unsafe"]), rng.randint(1, cfg.max_unsafe))):
             plan.insert(rng.randint(1, len(plan)), ("unsafe", u))

@@ -193,3 +193,29 @@ def test_mc_task_runs_offline_through_lm_eval(world, tmp_path, monkeypatch):
     metrics = results["results"]["sipt_world_mc"]
     docs = [json.loads(line) for line in (moved / "sipt_world_mc.jsonl").read_text().splitlines()][:8]
     assert metrics["acc,none"] == mc_accuracy(model, hf_tok, docs) and "acc_norm,none" in metrics
+
+
+def test_safe_twins_share_the_unsafe_openings_and_read_back_as_neutral(tmp_path):
+    from sipt.world import same_world_config
+
+    generate_world(WorldConfig(seed=3, safe_twin_rate=0.5, **SMALL), tmp_path / "twins")
+    kb = load_kb(tmp_path / "twins")
+    grammar = Grammar(kb.language)
+    safe = {u["safe"]: u["text"] for u in kb.language["unsafe"]}
+    twins = 0
+    for d in _docs(tmp_path / "twins"):
+        for i, s in enumerate(d["sentences"]):
+            readings = [p for p, _ in grammar.readings(s)]
+            if any(p.template in safe for p in readings):
+                twins += 1
+                assert {p.kind for p in readings} == {"neutral"} and i not in d["unsafe_sentences"]
+                twin = next(p.template for p in readings if p.template in safe)
+                assert twin.split()[:2] == safe[twin].split()[:2]  # it shares the unsafe sentence's opening
+    assert 0.3 * 144 < twins < 0.8 * 144  # about half of the 144 train documents, one twin each
+    # the default draws nothing: a world made before the knob existed is still the same world
+    generate_world(WorldConfig(seed=3, **SMALL), tmp_path / "plain")
+    saved = json.loads((tmp_path / "plain" / "stats.json").read_text())["config"]
+    assert "safe_twin_rate" not in saved and same_world_config(saved, WorldConfig(seed=3, **SMALL))
+    assert not same_world_config(saved, WorldConfig(seed=3, safe_twin_rate=0.5, **SMALL))
+    with pytest.raises(SiptError, match="safe_twin_rate"):
+        WorldConfig(safe_twin_rate=1.5).validate()
