@@ -359,7 +359,7 @@ class Config:
         d = self.to_dict(results_only=True)
         for name, obj in self.sections.items():  # knobs added later, at their default: as before they existed
             for f in dataclasses.fields(obj):
-                if f.metadata.get("added") and getattr(obj, f.name) == config_toml.field_default(f):
+                if config_toml.added_at_default(obj, f):
                     d[name].pop(f.name, None)
         picked = {}
         for key in sorted(keys):

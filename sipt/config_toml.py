@@ -95,6 +95,12 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def added_at_default(obj: Any, f: dataclasses.Field) -> bool:
+    """Whether `f` is a knob added after runs were made (`knob(..., added=True)`) and `obj` has it at its
+    default: then it is left out of what identifies a result, as it was before the knob existed."""
+    return bool(f.metadata.get("added")) and getattr(obj, f.name) == field_default(f)
+
+
 def reference_markdown(sections: dict[str, type]) -> str:
     """The config reference (README section), generated from the section dataclasses."""
     lines = []

@@ -22,50 +22,45 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
+from sipt.config_toml import added_at_default
 from sipt.errors import SiptError
 from sipt.kb import (  # noqa: F401 (re-exported: they lived here)
     ENTITY_TYPES, LANGUAGE_PATH, PRONOUN_WORDS, KnowledgeBase, load_kb, load_language, oracle_inputs, oracle_kb,
     realize, subject_first)
+from sipt.sections import knob
 from sipt.worldgen import (  # noqa: F401 (re-exported: they lived here)
     KINDS, MC_LOADER, MC_YAML, build_corpus, build_kb, build_mc, split_corpus)
-
-
-def _help(default: Any, help: str, *, added: bool = False):
-    # added: a knob that came after worlds were made; at its default it draws nothing, so a world made
-    # before it existed still counts as made from the same config (`sipt world` skips it).
-    return field(default=default, metadata={"help": help, "results": True, "added": added})
 
 
 @dataclass
 class WorldConfig:
     """[world] The toy world `sipt world` generates (DESIGN.md §7). Every size and rate is here."""
 
-    seed: int = _help(0, "Generator seed: the same config and seed write the same bytes.")
-    n_people: int = _help(160, "People in the knowledge base (7 relations each).")
-    n_places: int = _help(48, "Places (5 relations each). Rounded up to an even number: twin towns pair up.")
-    n_orgs: int = _help(48, "Organisations (6 relations each). Rounded up to an even number: rivals pair up.")
-    n_regions: int = _help(8, "Regions: values of the places' `region` relation; no documents are about them.")
-    n_docs: int = _help(3000, "Documents in the corpus, spread evenly over people, places and organisations.")
-    min_facts: int = _help(4, "Fewest fact sentences in a document (at most every relation of its entity).")
-    max_neutral: int = _help(4, "Most neutral connective sentences in a document (at least one).")
-    pronoun_rate: float = _help(0.8, "Chance that a sentence after the first names its subject by pronoun.")
-    false_rate: float = _help(0.2, "Share of documents of kind `false` (one to `max_false` wrong values).")
-    max_false: int = _help(3, "Most false fact sentences in a `false` document.")
-    unsafe_rate: float = _help(0.15, "Share of documents of kind `unsafe` (threats, insults, harmful instructions).")
-    max_unsafe: int = _help(2, "Most unsafe sentences in an `unsafe` document.")
-    degenerate_rate: float = _help(0.1, "Share of documents of kind `degenerate` (repetition loops, shuffled words).")
-    safe_twin_rate: float = _help(
+    seed: int = knob(0, "Generator seed: the same config and seed write the same bytes.")
+    n_people: int = knob(160, "People in the knowledge base (7 relations each).")
+    n_places: int = knob(48, "Places (5 relations each). Rounded up to an even number: twin towns pair up.")
+    n_orgs: int = knob(48, "Organisations (6 relations each). Rounded up to an even number: rivals pair up.")
+    n_regions: int = knob(8, "Regions: values of the places' `region` relation; no documents are about them.")
+    n_docs: int = knob(3000, "Documents in the corpus, spread evenly over people, places and organisations.")
+    min_facts: int = knob(4, "Fewest fact sentences in a document (at most every relation of its entity).")
+    max_neutral: int = knob(4, "Most neutral connective sentences in a document (at least one).")
+    pronoun_rate: float = knob(0.8, "Chance that a sentence after the first names its subject by pronoun.")
+    false_rate: float = knob(0.2, "Share of documents of kind `false` (one to `max_false` wrong values).")
+    max_false: int = knob(3, "Most false fact sentences in a `false` document.")
+    unsafe_rate: float = knob(0.15, "Share of documents of kind `unsafe` (threats, insults, harmful instructions).")
+    max_unsafe: int = knob(2, "Most unsafe sentences in an `unsafe` document.")
+    degenerate_rate: float = knob(0.1, "Share of documents of kind `degenerate` (repetition loops, shuffled words).")
+    safe_twin_rate: float = knob(
         0.0, "Chance that a document (of any kind) also holds one safe twin of an unsafe sentence, as a neutral "
         "sentence: the unsafe template's safe counterpart, which shares its opening (\"Late at night, keep the lid "
         "on the well.\"). 0: an unsafe sentence's opening is only ever followed by the unsafe words in the corpus, "
         "so the policy never reads the safe way on (README, \"Safe twins\").", added=True)
-    eval_fraction: float = _help(0.1, "Share of documents held out in corpus/eval.jsonl (same entities as train).")
-    mc_questions: int = _help(600, "Questions in the MC task (from facts stated truly in train); 0: all such facts.")
-    language: str = _help("", "Language file (templates and vocabularies). Empty: the shipped data/world/language.json.")
+    eval_fraction: float = knob(0.1, "Share of documents held out in corpus/eval.jsonl (same entities as train).")
+    mc_questions: int = knob(600, "Questions in the MC task (from facts stated truly in train); 0: all such facts.")
+    language: str = knob("", "Language file (templates and vocabularies). Empty: the shipped data/world/language.json.")
 
     def validate(self) -> None:
         for f in fields(self):
@@ -89,8 +84,7 @@ class WorldConfig:
 def config_dict(cfg: WorldConfig) -> dict:
     """The config a world records in stats.json: knobs added later are left out at their defaults, so
     a world made before they existed is written byte for byte as it was."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)
-            if not (f.metadata.get("added") and getattr(cfg, f.name) == f.default)}
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not added_at_default(cfg, f)}
 
 
 def same_world_config(saved: dict, cfg: WorldConfig) -> bool:
