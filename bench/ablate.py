@@ -25,7 +25,7 @@ only) with paired-by-seed differences: "holds" only when the 95% t interval of t
 difference clears 0 in the paper's direction (for "≤": when it is not wholly below 0), "reversed"
 when it clears 0 the other way, otherwise "not shown".
 
-    python bench/ablate.py --config data/configs/demo.toml --base runs/demo/base/iter-006/policy
+    python bench/ablate.py --config data/configs/demo.toml --base runs/demo/base/iter-008/policy
 """
 
 from __future__ import annotations
@@ -232,6 +232,14 @@ def sipt(*args: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "sipt.cli", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"sipt {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
+
+
+def warm_start(run: Path) -> Path:
+    """RUN/base's last finished policy: the demo's warm start (RUN/base/iter-<WARM_ITERS>/policy)."""
+    done = sorted((Path(run) / "base").glob("iter-*/policy/_SUCCESS.json"))
+    if not done:
+        raise SystemExit(f"no warm start under {run}/base: make it first (`make base RUN={run}`)")
+    return done[-1].parent
 
 
 def parse_seeds(text: str) -> list[int]:

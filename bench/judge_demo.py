@@ -2,7 +2,7 @@
 
 From the demo (`make loop`: RUN/world, RUN/sipt, RUN/base), into RUN/judge:
   1. `judge-data` on the SIPT run's samples: the oracle corruptor and the oracle as safety labeller;
-  2. `judge-train` (verdict mode) of the world's warm start (RUN/base/iter-006/policy);
+  2. `judge-train` (verdict mode) of the world's warm start (RUN/base/iter-<WARM_ITERS>/policy);
   3. a table, before -> after: validation accuracy per task (quality also by the corruption kind: wrong
      value, unsafe sentence, near copy), the Option-1 rate, and agreement with the
      oracle on real candidate pairs (two rollouts of one prefix from RUN/sipt/iter-NNN/rollout, both
@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ablate import warm_start  # noqa: E402
 from sipt import artifacts, config as config_mod  # noqa: E402
 from sipt.oracle import OracleJudge  # noqa: E402
 from sipt.objectives import load_template, render  # noqa: E402
@@ -118,7 +119,7 @@ def measure(folder: Path, rows: list[dict], pairs, template: str, max_prompt_tok
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--model", type=Path, default=None, help="default: RUN/base/iter-006/policy (the warm start)")
+    ap.add_argument("--model", type=Path, default=None, help="default: the warm start, RUN/base's last policy")
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
@@ -127,7 +128,7 @@ def main() -> None:
     ap.add_argument("--prefixes", type=int, default=128)
     args = ap.parse_args()
     run, out = args.run, args.run / "judge"
-    model = args.model or run / "base" / "iter-006" / "policy"
+    model = args.model or warm_start(run)
     if not (out / "samples" / "_SUCCESS.json").exists():
         shutil.rmtree(out / "samples", ignore_errors=True)
         shutil.copytree(run / "sipt" / "samples", out / "samples")

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ablate import sipt  # noqa: E402
+from ablate import sipt, warm_start  # noqa: E402
 
 
 def sets(d: dict) -> list[str]:
@@ -41,7 +41,7 @@ def loop(args, name: str, overrides: dict) -> tuple[Path, float]:
     out = run / "table7" / name
     t0 = time.perf_counter()
     print(f"[table7] {name} ...", file=sys.stderr, flush=True)
-    flags = sets({"model.policy": str(run / "base" / "iter-006" / "policy"),
+    flags = sets({"model.policy": str(warm_start(run)),
                   "data.inputs": [str(run / "world" / "corpus")], "rewrite.world": str(run / "world"),
                   "judge.world": str(run / "world"), "eval.include_path": [str(run / "world" / "mc")],
                   "run.prompts_per_iter": args.prompts, "judge.candidates": ["suffix", "rollouts"],

@@ -58,6 +58,11 @@ class WorldConfig:
         "sentence: the unsafe template's safe counterpart, which shares its opening (\"Late at night, keep the lid "
         "on the well.\"). 0: an unsafe sentence's opening is only ever followed by the unsafe words in the corpus, "
         "so the policy never reads the safe way on (README, \"Safe twins\").", added=True)
+    ordered_rate: float = knob(
+        0.0, "Chance that a document states its facts in the language's relation order (a person's birth year, "
+        "birthplace, residence, employer, occupation, mentor, hobby, as a biography runs), not shuffled; the "
+        "neutral, unsafe and twin sentences still fall anywhere. 0: every document's facts in random order "
+        "(README, \"Ordered documents\").", added=True)
     eval_fraction: float = knob(0.1, "Share of documents held out in corpus/eval.jsonl (same entities as train).")
     mc_questions: int = knob(600, "Questions in the MC task (from facts stated truly in train); 0: all such facts.")
     language: str = knob("", "Language file (templates and vocabularies). Empty: the shipped data/world/language.json.")
@@ -75,8 +80,9 @@ class WorldConfig:
             raise SiptError(f"world.false_rate + unsafe_rate + degenerate_rate = {rates:.3f} > 1; lower one of them")
         if not 0 <= self.eval_fraction < 1:
             raise SiptError(f"world.eval_fraction = {self.eval_fraction}: must be in [0, 1)")
-        if self.safe_twin_rate > 1:
-            raise SiptError(f"world.safe_twin_rate = {self.safe_twin_rate}: a chance, at most 1")
+        for name in ("safe_twin_rate", "ordered_rate"):
+            if getattr(self, name) > 1:
+                raise SiptError(f"world.{name} = {getattr(self, name)}: a chance, at most 1")
         if self.max_false < 1 or self.max_unsafe < 1 or self.max_neutral < 1 or self.min_facts < 1:
             raise SiptError("world.max_false, max_unsafe, max_neutral and min_facts must be at least 1")
 

@@ -147,6 +147,8 @@ def _make_doc(kb: KnowledgeBase, cfg: WorldConfig, rng: random.Random, entity: s
     relations = kb.relations_of(entity)
     n_facts = rng.randint(min(cfg.min_facts, len(relations)), len(relations))
     chosen = rng.sample(relations, n_facts)
+    if cfg.ordered_rate > 0 and rng.random() < cfg.ordered_rate:  # no draw at 0: worlds as before
+        chosen.sort(key=relations.index)
 
     # Plan: (sentence kind, relation or template) in document order; the first sentence is a fact
     # stated with the entity's name as subject, so every document opens by naming its entity.

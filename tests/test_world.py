@@ -219,3 +219,35 @@ def test_safe_twins_share_the_unsafe_openings_and_read_back_as_neutral(tmp_path)
     assert not same_world_config(saved, WorldConfig(seed=3, safe_twin_rate=0.5, **SMALL))
     with pytest.raises(SiptError, match="safe_twin_rate"):
         WorldConfig(safe_twin_rate=1.5).validate()
+
+
+def test_ordered_documents_state_their_facts_in_the_languages_relation_order(tmp_path):
+    from sipt.world import load_language, same_world_config
+
+    def order_of(world: Path) -> list[bool]:
+        """Per non-degenerate train document: are its fact sentences in the relation order?"""
+        grammar = Grammar(load_kb(world).language)
+        relations = list(load_language()["relations"])  # the shipped file's order (the world's copy is sorted)
+        out = []
+        for d in _docs(world):
+            if d["kind"] == "degenerate":
+                continue
+            ranks = [relations.index(next(p.relation for p, _ in grammar.readings(d["sentences"][i]) if p.relation))
+                     for i in d["claim_sentences"]]
+            assert len(ranks) >= 4
+            out.append(ranks == sorted(ranks))
+        return out
+
+    generate_world(WorldConfig(seed=3, ordered_rate=1.0, **SMALL), tmp_path / "ordered")
+    assert all(order_of(tmp_path / "ordered"))
+    generate_world(WorldConfig(seed=3, ordered_rate=0.5, **SMALL), tmp_path / "half")
+    half = order_of(tmp_path / "half")
+    assert 0.4 * len(half) < sum(half) < 0.8 * len(half)  # half, plus the shuffled ones that fall in order
+    generate_world(WorldConfig(seed=3, **SMALL), tmp_path / "plain")
+    plain = order_of(tmp_path / "plain")
+    assert sum(plain) < 0.3 * len(plain)  # shuffled: 4-7 facts rarely fall in order by chance
+    saved = json.loads((tmp_path / "plain" / "stats.json").read_text())["config"]
+    assert "ordered_rate" not in saved and same_world_config(saved, WorldConfig(seed=3, **SMALL))
+    assert not same_world_config(saved, WorldConfig(seed=3, ordered_rate=0.5, **SMALL))
+    with pytest.raises(SiptError, match="ordered_rate"):
+        WorldConfig(ordered_rate=1.5).validate()
