@@ -236,10 +236,13 @@ def sipt(*args: str) -> None:
 
 def warm_start(run: Path) -> Path:
     """RUN/base's last finished policy: the demo's warm start (RUN/base/iter-<WARM_ITERS>/policy)."""
-    done = sorted((Path(run) / "base").glob("iter-*/policy/_SUCCESS.json"))
+    from sipt import artifacts
+
+    base = Path(run) / "base"
+    done = [i for i in artifacts.iterations(base) if artifacts.read_manifest(artifacts.stage_dir(base, "policy", i))]
     if not done:
         raise SystemExit(f"no warm start under {run}/base: make it first (`make base RUN={run}`)")
-    return done[-1].parent
+    return artifacts.stage_dir(base, "policy", done[-1])
 
 
 def parse_seeds(text: str) -> list[int]:
