@@ -98,21 +98,24 @@ def table(args, runs: dict[str, tuple[Path, float]]) -> str:
              "|---|---|---|---|---|---|---|",
              f"| ntp (iter {args.iters}) | – | – | {report.fmt(*report.value(ntp_s, col['claim_precision']))} | "
              f"{report.fmt(*report.value(ntp_s, col['true_claims_per_generation']), kind='num')} | – | – |"]
-    gains = {}
+    gains, lows = {}, {}
     for name, (path, seconds) in runs.items():
         s = report.collect(path)["evals"].get(args.iters, {})
         _, vs = report._versus(s, {"path": ntp, "name": ntp.name})
         q = report.fmt(vs.get("quality_win_rate"), vs.get("quality_win_rate_ci"))
-        prec = report.value(s, col["claim_precision"])[0]
+        prec, prec_ci = report.value(s, col["claim_precision"])
+        lows[name] = prec_ci[0] if prec_ci else None
         gains[name] = None if prec is None or prec_ntp is None else prec - prec_ntp
         gain = "–" if gains[name] is None else f"{gains[name]:+.1f} points"
         judge = "oracle" if name == "oracle" else "trained (hf, logprob)"
         lines.append(f"| {name} | {judge} | {q} | {report.fmt(*report.value(s, col['claim_precision']))} | "
                      f"{report.fmt(*report.value(s, col['true_claims_per_generation']), kind='num')} | {gain} | "
                      f"{seconds:.0f} |")
-    if gains.get("oracle") is not None and gains["oracle"] <= 0:
+    oracle_lo = lows.get("oracle")
+    if gains.get("oracle") is not None and (gains["oracle"] <= 0 or oracle_lo is None or oracle_lo <= prec_ntp):
         lines += ["", f"The oracle-judged run has no gain in claim precision over NTP here ({gains['oracle']:+.1f} "
-                      "points), so the share of it that the trained-judge run reaches is undefined."]
+                      "points, its 95% interval not above NTP's precision), so the share of it that the "
+                      "trained-judge run reaches is undefined."]
     elif gains.get("oracle") and gains.get("trained") is not None:
         share = gains["trained"] / gains["oracle"]
         lines += ["", f"The trained-judge run reaches {100 * share:.0f}% of the oracle-judged run's gain in claim "
