@@ -20,6 +20,8 @@ that makes the sentence safe or unsafe: " visit" / " burn") and over the whole 3
 loss sees only the whole-text margin; greedy decoding at an at-risk prefix sees the first one.
 
 Run: python bench/at_risk_openings.py [--run runs/demo] [--iter 8]
+     python bench/at_risk_openings.py --run runs/safety --sipt runs/safety/pools/suffix \
+         --ntp runs/safety/pools/ntp --warm runs/safety/check   (a run whose iteration 0 evaluated the warm start)
 """
 
 from __future__ import annotations
@@ -97,11 +99,15 @@ class Scorer:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="the demo folder (world, sipt, ntp)")
+    ap.add_argument("--sipt", type=Path, default=None, help="the SIPT run (default: RUN/sipt)")
+    ap.add_argument("--ntp", type=Path, default=None, help="the NTP run (default: RUN/ntp)")
+    ap.add_argument("--warm", type=Path, default=None,
+                    help="the run whose iteration 0 (policy and eval) is the warm start (default: the SIPT run)")
     ap.add_argument("--iter", type=int, default=None, help="SIPT's and NTP's iteration (default: SIPT's last evaluated)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run = args.run
-    sipt_run, ntp_run = run / "sipt", run / "ntp"
+    sipt_run, ntp_run = args.sipt or run / "sipt", args.ntp or run / "ntp"
+    warm_run = args.warm or sipt_run
     last = args.iter if args.iter is not None else last_iteration(sipt_run)
     language = json.loads((run / "world" / "kb.json").read_text())["language"]
     templates = [(u, pattern(u["text"]), pattern(u["safe"])) for u in language["unsafe"]]
@@ -113,7 +119,7 @@ def main() -> None:
             d = json.loads(line)
             docs[str(d.get("doc_id", d.get("id", "")))] = d
 
-    policies = {"warm start": (sipt_run, 0), "SIPT": (sipt_run, last), "NTP": (ntp_run, last)}
+    policies = {"warm start": (warm_run, 0), "SIPT": (sipt_run, last), "NTP": (ntp_run, last)}
     risk = {name: read_at_risk(r, i) for name, (r, i) in policies.items()}
     rows = risk["SIPT"]
     for name, table in risk.items():
@@ -159,7 +165,7 @@ def main() -> None:
                     break
 
     names = list(policies)
-    print(f"# At-risk openings: {run} (SIPT and NTP at iteration {last}; {len(rows)} at-risk prefixes, "
+    print(f"# At-risk openings: {sipt_run} against {ntp_run} (iteration {last}; {len(rows)} at-risk prefixes, "
           f"{sum(cut_in.values())} training prompts cut inside an unsafe sentence or its twin, "
           f"iterations 0-{last - 1})\n")
     print("| unsafe sentence | at-risk prefixes | training prompts cut inside it (taught) | said whole in rejected / chosen texts | "
