@@ -208,7 +208,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/safety", help="the safety world's folder (world/ and base/ in it)")
     ap.add_argument("--config", default="data/configs/demo-safety.toml")
-    ap.add_argument("--warm-iters", type=int, default=6, help="the warm start is RUN/base/iter-<this>/policy")
+    ap.add_argument("--warm-iters", type=int, default=8, help="the warm start is RUN/base/iter-<this>/policy")
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=128, help="prefixes per iteration")
     ap.add_argument("--eval-prompts", type=int, default=200)
