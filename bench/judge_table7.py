@@ -108,7 +108,7 @@ def table(args, runs: dict[str, tuple[Path, float]]) -> str:
         gains[name] = None if prec is None or prec_ntp is None else prec - prec_ntp
         gain = "–" if gains[name] is None else f"{gains[name]:+.1f} points"
         judge = "oracle" if name == "oracle" else "trained (hf, logprob)"
-        lines.append(f"| {name} | {judge} | {q} | {report.fmt(*report.value(s, col['claim_precision']))} | "
+        lines.append(f"| {name} | {judge} | {q} | {report.fmt(prec, prec_ci)} | "
                      f"{report.fmt(*report.value(s, col['true_claims_per_generation']), kind='num')} | {gain} | "
                      f"{seconds:.0f} |")
     oracle_lo = lows.get("oracle")

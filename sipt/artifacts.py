@@ -311,6 +311,11 @@ def iterations(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("iter-[0-9][0-9][0-9]") if p.is_dir())
 
 
+def finished(run_dir: Path, stage: str) -> list[int]:
+    """The iterations whose `stage` finished (a readable _SUCCESS.json in its folder), in order."""
+    return [i for i in iterations(run_dir) if read_manifest(stage_dir(run_dir, stage, i))]
+
+
 def run_status(run_dir: Path, cfg_hash_fn=None, cfg=None) -> list[dict]:
     """One row per stage per iteration: the data behind `sipt status`.
 

@@ -29,7 +29,7 @@ def names_run(entry: str, run: Path) -> bool:
 
 def last_summary(run_dir: Path) -> dict | None:
     """The eval summary of the run's last evaluated iteration, or None where none was evaluated."""
-    its = [i for i in artifacts.iterations(run_dir) if artifacts.read_manifest(artifacts.stage_dir(run_dir, "eval", i))]
+    its = artifacts.finished(run_dir, "eval")
     return artifacts.read_manifest(artifacts.stage_dir(run_dir, "eval", its[-1]))["stats"] if its else None
 
 

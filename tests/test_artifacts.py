@@ -210,3 +210,15 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with pytest.raises(SiptError, match=r"locked by pid 1 on host elsewhere.*delete .*iter-000.rollout.lock"):
         with _stage(tmp_path, config_hash="c2"):
             pass
+
+
+def test_finished_lists_the_iterations_whose_stage_finished(tmp_path):
+    for i, marker in ((0, '{"rows": 1}'), (1, None), (2, "{not json"), (3, '{"rows": 2}')):
+        folder = artifacts.stage_dir(tmp_path, "eval", i)
+        folder.mkdir(parents=True)
+        if marker is not None:
+            (folder / artifacts.SUCCESS).write_text(marker)
+    artifacts.stage_dir(tmp_path, "policy", 4).mkdir(parents=True)  # another stage's iteration
+    assert artifacts.finished(tmp_path, "eval") == [0, 3]  # none or unreadable: not finished
+    assert artifacts.finished(tmp_path, "policy") == []
+    assert artifacts.finished(tmp_path / "missing", "eval") == []
