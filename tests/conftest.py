@@ -47,6 +47,16 @@ WORDS = (
 ).split()
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package): `bench_module("ablate")`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_docs(n: int, seed: int = 0, min_sent: int = 4, max_sent: int = 12) -> list[str]:
     rng = random.Random(seed)
     docs = []

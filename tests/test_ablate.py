@@ -3,15 +3,12 @@
 The summaries are made by hand (the shape of eval's summary.json); no sipt run is started.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
-_spec = importlib.util.spec_from_file_location("bench_ablate", Path(__file__).parents[1] / "bench" / "ablate.py")
-ablate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablate)
+ablate = bench_module("ablate")
 
 
 def summary(quality=None, claim_precision=None, ci=None, versus=True, **extra):

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import bench_module
 
-_spec = importlib.util.spec_from_file_location("bench_at_risk_openings",
-                                               Path(__file__).parents[1] / "bench" / "at_risk_openings.py")
-aro = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(aro)
+aro = bench_module("at_risk_openings")
 
 
 def test_every_unsafe_sentence_is_read_back_with_its_twin(oracle, person):

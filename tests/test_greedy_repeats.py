@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import bench_module
 
-
-_spec = importlib.util.spec_from_file_location("bench_greedy_repeats",
-                                               Path(__file__).parents[1] / "bench" / "greedy_repeats.py")
-gr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gr)
+gr = bench_module("greedy_repeats")
 
 
 def row(oracle, prefix: str, text: str) -> dict:

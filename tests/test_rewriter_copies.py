@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from conftest import bench_module
 
 from sipt.kb import realize
 
-_spec = importlib.util.spec_from_file_location("bench_rewriter_copies",
-                                               Path(__file__).parents[1] / "bench" / "rewriter_copies.py")
-rc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rc)
+rc = bench_module("rewriter_copies")
 
 
 def test_values_and_kept_words(oracle, person):
