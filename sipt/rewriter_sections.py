@@ -34,6 +34,11 @@ class RewriterTrainConfig:
         0.0, "With teacher: share of the warm-up's unsafe examples whose words that the teacher's rewrite keeps "
              "are replaced in both the text and the rewrite (each with probability copy_scramble_words) by a "
              "random word, so the rewriter learns to copy what it does not rewrite (0: as they are).", added=True)
+    copy_scramble_like: str = knob(
+        "any", "Which random word replaces a scrambled word: 'any' word of the safe training suffixes, or 'shape': "
+               "one of the same shape (a number for a number, a capitalised word for a capitalised one, a "
+               "lowercase word for a lowercase one), its punctuation kept, so the replaced value is a plausible "
+               "one the model would rather recall than copy.", choices=("any", "shape"), added=True)
     steps: int = knob(500, "GRPO steps after the warm-up (paper: 500; 0: the warm-up only).")
     batch_size: int = knob(16, "Prompts x generations per GRPO step (per_device_train_batch_size, a multiple "
                                "of generations); rows per warm-up step.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -227,7 +228,7 @@ class RewriterTrainer:
         order = batches(rows, rt.batch_size, rt.warmup_steps, self.cfg.run.seed, rt.unsafe_share if self.teacher else 0)
         scramble = Scrambler([r["suffix"] for r in rows if r["safe"]], rt.copy_scramble, self.cfg.run.seed,
                              words=rt.copy_scramble_words, unsafe_share=rt.rewrite_scramble,
-                             target=self._target if self.teacher is not None else None)
+                             target=self._target if self.teacher is not None else None, like=rt.copy_scramble_like)
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         with progress_bar("rewriter-train (warm-up)", total=rt.warmup_steps, unit="steps",
                           enabled=self.show_progress) as bar:
@@ -307,10 +308,25 @@ class Scrambler:
     resumed warm-up draws the same texts."""
 
     def __init__(self, safe_suffixes: list[str], share: float, seed: int, words: float = 1.0,
-                 unsafe_share: float = 0.0, target=None):
+                 unsafe_share: float = 0.0, target=None, like: str = "any"):
         self.words = [w for text in safe_suffixes for w in text.split()]
         self.share, self.seed, self.rate = (share if self.words else 0.0), seed, words
         self.unsafe_share, self.target = (unsafe_share if self.words and target else 0.0), target
+        self.like, self.shapes = like, {}
+        if like == "shape":  # the words' cores (punctuation stripped) by shape
+            for w in self.words:
+                core = _split(w)[1]
+                if core:
+                    self.shapes.setdefault(_shape(core), []).append(core)
+
+    def draw(self, rng: random.Random, word: str) -> str:
+        """The word that replaces `word`: any word of the safe texts, or (like = 'shape') a core of the
+        same shape inside `word`'s own punctuation."""
+        if self.like != "shape":
+            return rng.choice(self.words)
+        lead, core, trail = _split(word)
+        pool = self.shapes.get(_shape(core)) if core else None
+        return lead + rng.choice(pool) + trail if pool else rng.choice(self.words)
 
     def __call__(self, row: dict, step: int, slot: int) -> dict:
         if not row["safe"]:
@@ -320,13 +336,13 @@ class Scrambler:
         rng = random.Random(f"{self.seed}:{step}:{slot}")
         if rng.random() >= self.share:
             return row
-        if self.rate >= 1:  # every word drawn anew
+        if self.rate >= 1 and self.like != "shape":  # every word drawn anew
             words = [rng.choice(self.words) for _ in range(max(1, len(row["suffix"].split())))]
         else:  # the text's own words, some replaced (at least one)
             words = row["suffix"].split() or [rng.choice(self.words)]
             picked = [k for k in range(len(words)) if rng.random() < self.rate] or [rng.randrange(len(words))]
             for k in picked:
-                words[k] = rng.choice(self.words)
+                words[k] = self.draw(rng, words[k])
         return {**row, "suffix": _joined(words, row["suffix"])}
 
     def _unsafe(self, row: dict, step: int, slot: int) -> dict:
@@ -343,8 +359,26 @@ class Scrambler:
         for block in difflib.SequenceMatcher(None, src, out, autojunk=False).get_matching_blocks():
             for k in range(block.size):
                 if rng.random() < self.rate:
-                    src[block.a + k] = out[block.b + k] = rng.choice(self.words)
+                    src[block.a + k] = out[block.b + k] = self.draw(rng, src[block.a + k])
         return {**row, "suffix": _joined(src, row["suffix"]), "target": _joined(out, target)}
+
+
+def _split(word: str) -> tuple[str, str, str]:
+    """(leading punctuation, core, trailing punctuation) of a whitespace-separated word."""
+    m = _CORE.match(word)
+    return m.group(1), m.group(2), m.group(3)
+
+
+_CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.S)
+
+
+def _shape(core: str) -> str:
+    """A word's shape: 'number', 'capitalised', 'lower' or 'other'."""
+    if core.isdigit():
+        return "number"
+    if core[:1].isupper():
+        return "capitalised"
+    return "lower" if core.isalpha() and core.islower() else "other"
 
 
 def _joined(words: list[str], like: str) -> str:

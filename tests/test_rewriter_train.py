@@ -203,6 +203,28 @@ def test_copy_scramble_words_keeps_the_frame_and_replaces_some_words():
     assert [s(row, step, 0)["suffix"] for step in range(40)] == out  # seeded: a resumed run draws the same
 
 
+def test_copy_scramble_like_shape_replaces_a_value_by_a_plausible_one_of_its_shape():
+    safe = [" It was founded in 1831. Anna Brook lives in Bree.", " It makes rope. Its colour is green. Tom Hill was born in 1902."]
+    s = rewriter_train.Scrambler(safe, 1.0, seed=0, words=0.5, like="shape")
+    row = {"prefix": "p", "suffix": safe[0], "safe": True}
+    own = safe[0].split()
+    numbers, capitalised = {"1831", "1902"}, {"It", "Anna", "Brook", "Bree", "Its", "Tom", "Hill"}
+    lower = {w.strip(".") for t in safe for w in t.split()} - numbers - capitalised
+    changed = 0
+    for step in range(40):
+        out = s(row, step, 0)["suffix"]
+        assert out.startswith(" ") and len(out.split()) == len(own)
+        for a, b in zip(own, out.split()):
+            changed += a != b
+            assert a.endswith(".") == b.endswith(".")  # the punctuation stays
+            core = b.rstrip(".")
+            shape = numbers if a[0].isdigit() else capitalised if a[0].isupper() else lower
+            assert core in shape, (a, b)  # a year for a year, a name for a name, a word for a word
+    assert changed >= 40
+    assert rewriter_train._split("(Bree's),") == ("(", "Bree's", "),")
+    assert rewriter_train._shape("1831") == "number" and rewriter_train._shape("Bree") == "capitalised"
+
+
 def test_rewrite_scramble_replaces_the_kept_words_alike_in_text_and_rewrite():
     safe = [" The old mill stands by the river and it was built in 1831 by a weaver", " Anna wrote a book about birds"]
     text = " Anna wrote a book. You are a worthless idiot. She lives in Bree."
