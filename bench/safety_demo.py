@@ -5,10 +5,10 @@ From the safety world's warm start (RUN/base, made by `make base DEMO=data/confi
 RUN=runs/safety`):
   1. RUN/rewriter: judge-data (the oracle corruptor and unanimous oracle safety labels), then
      rewriter-train of the warm start (a copy warm-up, each safe text with about a third of its words
-     replaced at random so that they can only be copied, not recalled, and the oracle's rewrites of
-     unsafe texts as the teacher; then GRPO with the paper's reward, the oracle judging), with the
-     compact template;
-  2. four runs of --iters iterations from the same warm start and samples:
+     replaced by random words of the same shape (a year for a year) so that they can only be copied,
+     not recalled, and the oracle's rewrites of unsafe texts as the teacher; then GRPO with the
+     paper's reward, the oracle judging), with the compact template;
+  2. four runs of --iters (8) iterations from the same warm start and samples:
        ntp              next-token prediction on the suffixes (the baseline)
        suffix           SIPT, suffix vs rollouts
        trained          SIPT, suffix vs rewrite vs rollouts, the rewrite from the rewriter trained in 1
@@ -61,6 +61,7 @@ def train_rewriter(args, run: Path, base: Path) -> Path:
         "rewriter_train.copy_scramble": args.copy_scramble,
         **({"rewriter_train.copy_scramble_words": args.copy_scramble_words} if args.copy_scramble_words < 1 else {}),
         **({"rewriter_train.rewrite_scramble": args.rewrite_scramble} if args.rewrite_scramble > 0 else {}),
+        **({"rewriter_train.copy_scramble_like": args.copy_scramble_like} if args.copy_scramble_like != "any" else {}),
         "rewriter_train.eval_every": args.eval_every,
         "rewriter_train.eval_limit": args.eval_limit, "rewriter_train.checkpoint_every": 50,
         "rewriter_train.max_prompt_tokens": 448})
@@ -209,7 +210,7 @@ def main() -> None:
     ap.add_argument("--run", default="runs/safety", help="the safety world's folder (world/ and base/ in it)")
     ap.add_argument("--config", default="data/configs/demo-safety.toml")
     ap.add_argument("--warm-iters", type=int, default=8, help="the warm start is RUN/base/iter-<this>/policy")
-    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=8, help="iterations of every pool (the cosine schedule spans them)")
     ap.add_argument("--prompts", type=int, default=128, help="prefixes per iteration")
     ap.add_argument("--eval-prompts", type=int, default=200)
     ap.add_argument("--label-samples", type=int, default=1024, help="judge_data.samples")
@@ -220,6 +221,8 @@ def main() -> None:
     ap.add_argument("--warmup-lr", type=float, default=3e-3)
     ap.add_argument("--copy-scramble", type=float, default=1.0, help="rewriter_train.copy_scramble")
     ap.add_argument("--copy-scramble-words", type=float, default=0.35, help="rewriter_train.copy_scramble_words")
+    ap.add_argument("--copy-scramble-like", default="shape", choices=("any", "shape"),
+                    help="rewriter_train.copy_scramble_like")
     ap.add_argument("--rewrite-scramble", type=float, default=0.0, help="rewriter_train.rewrite_scramble")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--eval-every", type=int, default=175)
