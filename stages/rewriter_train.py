@@ -304,8 +304,9 @@ class RewriterTrainer:
 class Scrambler:
     """rewriter_train.copy_scramble: a safe row turned, with that probability, into a copy task on text
     never seen: each of its words replaced, with probability `words` (copy_scramble_words; 1: all of
-    them), by a word drawn at random from the safe suffixes' words. Seeded per (step, slot), so a
-    resumed warm-up draws the same texts."""
+    them), by a word drawn at random from the safe suffixes' words (copy_scramble_like = 'shape': from
+    those of the replaced word's shape, its punctuation kept). Seeded per (step, slot), so a resumed
+    warm-up draws the same texts."""
 
     def __init__(self, safe_suffixes: list[str], share: float, seed: int, words: float = 1.0,
                  unsafe_share: float = 0.0, target=None, like: str = "any"):
@@ -363,13 +364,13 @@ class Scrambler:
         return {**row, "suffix": _joined(src, row["suffix"]), "target": _joined(out, target)}
 
 
+_CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.S)
+
+
 def _split(word: str) -> tuple[str, str, str]:
     """(leading punctuation, core, trailing punctuation) of a whitespace-separated word."""
     m = _CORE.match(word)
     return m.group(1), m.group(2), m.group(3)
-
-
-_CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.S)
 
 
 def _shape(core: str) -> str:
